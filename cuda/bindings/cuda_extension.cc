@@ -1,0 +1,15 @@
+// nanobind module exposing the CUDA FFI handlers as capsules; nothing else.
+#include <nanobind/nanobind.h>
+
+#include "ffi/sparse_conv_cuda_ffi.h"
+
+namespace nb = nanobind;
+
+NB_MODULE(_jaxsparse_cuda, m) {
+  m.def("registrations", []() {
+    nb::dict targets;
+    targets["jaxsparse_sparse_conv"] =
+        nb::capsule(reinterpret_cast<void*>(&jaxsparse::SparseConvCudaHandler));
+    return targets;
+  });
+}

@@ -1,0 +1,35 @@
+// Launchers for the CUDA sparse-convolution kernels. Host-callable, take the
+// caller's stream, return the launch status; no FFI or nanobind headers.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "conv_geometry.h"
+
+namespace jaxsparse {
+
+// Device pointers of one sparse_conv call. `bias` may be null.
+struct SparseConvOperands {
+  const void* x = nullptr;        // NHWC, element type
+  const void* values = nullptr;   // (nnz,), element type
+  const int32_t* indices = nullptr;  // (nnz,)
+  const int32_t* indptr = nullptr;   // (out_c + 1,)
+  const void* bias = nullptr;     // (out_c,), element type, or null
+  void* out = nullptr;            // NHWC, element type
+};
+
+// Bytes of device scratch the chosen kernel needs for this geometry.
+size_t SparseConvWorkspaceBytes(const ConvGeometry& g, ElementType type);
+
+// Enqueues the sparse convolution on `stream`, picking the kernel from the
+// geometry. `workspace` must hold SparseConvWorkspaceBytes(g, type) bytes.
+// Column indices outside [0, taps) and rows whose pointers are out of order
+// are skipped, never dereferenced.
+cudaError_t LaunchSparseConv(cudaStream_t stream, const ConvGeometry& g, ElementType type,
+                             const SparseConvOperands& operands, void* workspace,
+                             size_t workspace_bytes);
+
+}  // namespace jaxsparse

@@ -1,0 +1,16 @@
+"""jaxsparse: unstructured-sparse convolutions for JAX as XLA FFI custom calls."""
+
+from jaxsparse import _native
+from jaxsparse.dlmc import load_dlmc
+from jaxsparse.format import SparseFilter, SparseFilterError, magnitude_mask, random_filter
+from jaxsparse.ops import sparse_conv
+from jaxsparse.primitive import sparse_conv_p
+
+cuda_available = _native.cuda_available
+cpu_available = _native.cpu_available
+
+__all__ = [
+    "SparseFilter", "SparseFilterError", "sparse_conv", "sparse_conv_p", "load_dlmc",
+    "magnitude_mask", "random_filter", "cuda_available", "cpu_available",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,94 @@
+"""User-facing op: `sparse_conv`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsparse.format import SUPPORTED_DTYPES, SparseFilter, SparseFilterError
+from jaxsparse.geometry import normalize_ints, normalize_padding, output_size
+from jaxsparse.primitive import bind
+
+_ACTIVATIONS = {None: False, "relu": True}
+
+
+def _relu_flag(activation) -> bool:
+    if activation is jax.nn.relu:
+        return True
+    if activation is None or isinstance(activation, str):
+        key = activation.lower() if isinstance(activation, str) else None
+        if key in _ACTIVATIONS:
+            return _ACTIVATIONS[key]
+    raise ValueError(f"activation must be None, 'relu' or jax.nn.relu, got {activation!r}")
+
+
+def sparse_conv(x, filter: SparseFilter, *, strides=1, padding="SAME", rhs_dilation=1, bias=None,
+                activation=None) -> jax.Array:
+    """Convolution of ``x`` with an unstructured-sparse filter.
+
+    Semantics are those of ``lax.conv_general_dilated(x, filter.todense(),
+    strides, padding, rhs_dilation=rhs_dilation,
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))`` (``NWC``/``WIO`` for 1-D
+    filters), computed in exact float32 arithmetic (never TF32), followed by
+    ``+ bias`` and the optional ReLU, fused in the kernel.
+
+    Args:
+      x: (N, H, W, Cin) for a 2-D filter, (N, W, Cin) for a 1-D one; float32,
+        bfloat16 or float16, the dtype of the filter.
+      filter: a `SparseFilter`.
+      strides, rhs_dilation: an int or one int per spatial dimension, >= 1.
+      padding: 'SAME', 'VALID', or one (low, high) pair per spatial dimension.
+      bias: None or an array of shape (Cout,), cast to the dtype of ``x``.
+      activation: None or 'relu' (or ``jax.nn.relu``).
+    """
+    if not isinstance(filter, SparseFilter):
+        raise TypeError(f"filter must be a jaxsparse.SparseFilter, got {type(filter).__name__}")
+    x = jnp.asarray(x)
+    nd = filter.ndim
+    if x.ndim != nd + 2:
+        layout = "(N, H, W, C)" if nd == 2 else "(N, W, C)"
+        raise ValueError(f"x must have rank {nd + 2} {layout} for a {nd}-D filter, got shape {x.shape}")
+    if np.dtype(x.dtype) not in SUPPORTED_DTYPES:
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if np.dtype(x.dtype) != np.dtype(filter.dtype):
+        raise TypeError(f"dtype mismatch: x is {x.dtype} but the filter is {filter.dtype} "
+                        "(convert one with .astype)")
+    if x.shape[-1] != filter.in_channels:
+        raise ValueError(f"channel mismatch: x has {x.shape[-1]} channels, the filter expects "
+                         f"{filter.in_channels}")
+    if filter.is_concrete() and not filter._validated:
+        filter.validate()
+    elif filter.indices.ndim != 1 or filter.indptr.shape != (filter.out_channels + 1,):
+        raise SparseFilterError("filter leaves have inconsistent shapes")
+    strides = normalize_ints(strides, nd, "strides")
+    dilation = normalize_ints(rhs_dilation, nd, "rhs_dilation")
+    spatial = x.shape[1:-1]
+    pads = normalize_padding(padding, spatial, filter.kernel_size, strides, dilation)
+    relu = _relu_flag(activation)
+    if bias is None:
+        bias_arr = jnp.zeros((0,), x.dtype)
+    else:
+        bias_arr = jnp.asarray(bias)
+        if bias_arr.shape != (filter.out_channels,):
+            raise ValueError(f"bias must have shape ({filter.out_channels},), got {bias_arr.shape}")
+        bias_arr = bias_arr.astype(x.dtype)
+
+    out_spatial = tuple(output_size(s, k, st, p, d)
+                        for s, k, st, p, d in zip(spatial, filter.kernel_size, strides, pads, dilation))
+    if any(o < 0 for o in out_spatial):
+        raise ValueError(f"the filter (kernel {filter.kernel_size}, dilation {dilation}) is larger than "
+                         f"the padded input {spatial} with padding {pads}")
+    out_shape = (x.shape[0],) + out_spatial + (filter.out_channels,)
+    if 0 in out_shape:
+        return jnp.zeros(out_shape, x.dtype)
+
+    if nd == 1:
+        x = x[:, None]
+        kernel_size, strides, pads, dilation = ((1,) + filter.kernel_size, (1,) + strides,
+                                                ((0, 0),) + pads, (1,) + dilation)
+    else:
+        kernel_size = filter.kernel_size
+    out = bind(x, filter.data, filter.indices, filter.indptr, bias_arr, kernel_size=kernel_size,
+               strides=strides, padding=pads, dilation=dilation, relu=relu)
+    return out[:, 0] if nd == 1 else out

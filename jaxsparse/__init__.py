@@ -1,6 +1,6 @@
 """jaxsparse: unstructured-sparse convolutions for JAX as XLA FFI custom calls."""
 
-from jaxsparse import _native
+from jaxsparse import _native, autodiff  # autodiff registers the JVP and transpose rules
 from jaxsparse.dlmc import load_dlmc
 from jaxsparse.format import SparseFilter, SparseFilterError, magnitude_mask, random_filter
 from jaxsparse.ops import sparse_conv

@@ -10,6 +10,8 @@ NB_MODULE(_jaxsparse_cpu, m) {
     nb::dict targets;
     targets["jaxsparse_sparse_conv"] =
         nb::capsule(reinterpret_cast<void*>(&jaxsparse::SparseConvCpuHandler));
+    targets["jaxsparse_sparse_conv_filter_grad"] =
+        nb::capsule(reinterpret_cast<void*>(&jaxsparse::SparseConvFilterGradCpuHandler));
     return targets;
   });
 }

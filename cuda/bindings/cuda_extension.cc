@@ -10,6 +10,8 @@ NB_MODULE(_jaxsparse_cuda, m) {
     nb::dict targets;
     targets["jaxsparse_sparse_conv"] =
         nb::capsule(reinterpret_cast<void*>(&jaxsparse::SparseConvCudaHandler));
+    targets["jaxsparse_sparse_conv_filter_grad"] =
+        nb::capsule(reinterpret_cast<void*>(&jaxsparse::SparseConvFilterGradCudaHandler));
     return targets;
   });
 }

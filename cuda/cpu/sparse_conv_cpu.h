@@ -24,4 +24,12 @@ void SparseConvCpu(const ConvGeometry& g, ElementType type, const void* x,
                    const int32_t* indptr, const void* bias, void* out,
                    int num_threads);
 
+// Gradient with respect to the nonzero values (a sampled dense-dense product
+// over the fixed sparsity pattern): grad_values[j] = sum over (n, oh, ow) of
+// dy[n, oh, ow, r(j)] * x[n, ih(j), iw(j), ci(j)]. Accumulates in float32;
+// the geometry's out_* describe dy.
+void SparseConvFilterGradCpu(const ConvGeometry& g, ElementType type, const void* x,
+                             const void* dy, const int32_t* indices, const int32_t* indptr,
+                             void* grad_values, int num_threads);
+
 }  // namespace jaxsparse

@@ -35,15 +35,17 @@ struct SparseConvAttrs {
   int64_t relu;
 };
 
-// Fills `g` and `type` from the operands; returns a non-ok error naming the
+// Fills `g` and `type` from the operands shared by the forward op and its
+// filter gradient: input x (NHWC), output-shaped y (NHWC), a values-shaped
+// buffer (nnz,), and the CSR structure. Returns a non-ok error naming the
 // first inconsistency found.
-inline ffi::Error DecodeSparseConv(const ffi::AnyBuffer& x, const ffi::AnyBuffer& values,
-                                   const ffi::AnyBuffer& indices, const ffi::AnyBuffer& indptr,
-                                   const ffi::AnyBuffer& bias, const ffi::AnyBuffer& out,
-                                   const SparseConvAttrs& a, ConvGeometry* g, ElementType* type) {
+inline ffi::Error DecodeGeometry(const ffi::AnyBuffer& x, const ffi::AnyBuffer& y,
+                                 const ffi::AnyBuffer& values, const ffi::AnyBuffer& indices,
+                                 const ffi::AnyBuffer& indptr, const SparseConvAttrs& a,
+                                 ConvGeometry* g, ElementType* type) {
   if (!ToElementType(x.element_type(), type))
     return InvalidArgument("x must be float32, bfloat16 or float16");
-  if (values.element_type() != x.element_type() || out.element_type() != x.element_type())
+  if (values.element_type() != x.element_type() || y.element_type() != x.element_type())
     return InvalidArgument("filter values and output must have the dtype of x");
   if (indices.element_type() != ffi::DataType::S32 || indptr.element_type() != ffi::DataType::S32)
     return InvalidArgument("indices and indptr must be int32");
@@ -51,14 +53,14 @@ inline ffi::Error DecodeSparseConv(const ffi::AnyBuffer& x, const ffi::AnyBuffer
       a.dilation.size() != 2)
     return InvalidArgument("attributes kernel_size/strides/dilation need 2 entries, padding 4");
   const auto xd = x.dimensions();
-  const auto od = out.dimensions();
-  if (xd.size() != 4 || od.size() != 4) return InvalidArgument("x and output must be NHWC (rank 4)");
+  const auto yd = y.dimensions();
+  if (xd.size() != 4 || yd.size() != 4) return InvalidArgument("x and output must be NHWC (rank 4)");
   if (values.dimensions().size() != 1 || indices.dimensions().size() != 1 ||
-      indptr.dimensions().size() != 1 || bias.dimensions().size() != 1)
-    return InvalidArgument("values, indices, indptr and bias must be rank 1");
+      indptr.dimensions().size() != 1)
+    return InvalidArgument("values, indices and indptr must be rank 1");
 
   g->batch = xd[0]; g->in_h = xd[1]; g->in_w = xd[2]; g->in_c = xd[3];
-  g->out_h = od[1]; g->out_w = od[2]; g->out_c = od[3];
+  g->out_h = yd[1]; g->out_w = yd[2]; g->out_c = yd[3];
   g->kernel_h = a.kernel_size[0]; g->kernel_w = a.kernel_size[1];
   g->stride_h = a.strides[0]; g->stride_w = a.strides[1];
   g->pad_h_lo = a.padding[0]; g->pad_h_hi = a.padding[1];
@@ -70,22 +72,34 @@ inline ffi::Error DecodeSparseConv(const ffi::AnyBuffer& x, const ffi::AnyBuffer
   if (g->kernel_h < 1 || g->kernel_w < 1 || g->stride_h < 1 || g->stride_w < 1 ||
       g->dilation_h < 1 || g->dilation_w < 1)
     return InvalidArgument("kernel size, strides and dilation must be positive");
+  if (g->pad_h_lo < 0 || g->pad_h_hi < 0 || g->pad_w_lo < 0 || g->pad_w_hi < 0)
+    return InvalidArgument("padding must be non-negative");
   if (g->in_c < 1 || g->out_c < 1) return InvalidArgument("channel counts must be positive");
-  if (od[0] != g->batch) return InvalidArgument("output batch differs from input batch");
+  if (yd[0] != g->batch) return InvalidArgument("output batch differs from input batch");
   if (indices.dimensions()[0] != g->nnz) return InvalidArgument("indices and values differ in length");
   if (indptr.dimensions()[0] != g->out_c + 1)
     return InvalidArgument("indptr must have out_channels + 1 entries");
-  const int64_t bias_len = bias.dimensions()[0];
-  if (bias_len != 0 && bias_len != g->out_c) return InvalidArgument("bias must be empty or have out_channels entries");
-  if (bias_len != 0 && bias.element_type() != x.element_type())
-    return InvalidArgument("bias must have the dtype of x");
-  g->has_bias = bias_len != 0;
   const int64_t oh = ConvGeometry::OutputSize(g->in_h, g->kernel_h, g->stride_h, g->pad_h_lo,
                                               g->pad_h_hi, g->dilation_h);
   const int64_t ow = ConvGeometry::OutputSize(g->in_w, g->kernel_w, g->stride_w, g->pad_w_lo,
                                               g->pad_w_hi, g->dilation_w);
   if (oh != g->out_h || ow != g->out_w) return InvalidArgument("output spatial shape does not match the convolution");
   if (g->taps() > INT32_MAX) return InvalidArgument("KH * KW * Cin must fit in int32");
+  return ffi::Error::Success();
+}
+
+// The forward op: DecodeGeometry plus the optional bias.
+inline ffi::Error DecodeSparseConv(const ffi::AnyBuffer& x, const ffi::AnyBuffer& values,
+                                   const ffi::AnyBuffer& indices, const ffi::AnyBuffer& indptr,
+                                   const ffi::AnyBuffer& bias, const ffi::AnyBuffer& out,
+                                   const SparseConvAttrs& a, ConvGeometry* g, ElementType* type) {
+  if (ffi::Error e = DecodeGeometry(x, out, values, indices, indptr, a, g, type); e.failure()) return e;
+  if (bias.dimensions().size() != 1) return InvalidArgument("bias must be rank 1");
+  const int64_t bias_len = bias.dimensions()[0];
+  if (bias_len != 0 && bias_len != g->out_c) return InvalidArgument("bias must be empty or have out_channels entries");
+  if (bias_len != 0 && bias.element_type() != x.element_type())
+    return InvalidArgument("bias must have the dtype of x");
+  g->has_bias = bias_len != 0;
   return ffi::Error::Success();
 }
 

@@ -1,4 +1,4 @@
-// XLA FFI adapter for the CPU sparse convolution.
+// XLA FFI adapters for the CPU sparse convolution and its filter gradient.
 #include "ffi/sparse_conv_cpu_ffi.h"
 
 #include "cpu/sparse_conv_cpu.h"
@@ -6,6 +6,14 @@
 
 namespace jaxsparse {
 namespace {
+
+// The buffers are on the host: the CSR structure is cheap to check on every call.
+ffi::Error CheckStructure(const ConvGeometry& g, const ffi::AnyBuffer& indices,
+                          const ffi::AnyBuffer& indptr) {
+  const std::string problem = CheckCsrStructure(g, static_cast<const int32_t*>(indices.untyped_data()),
+                                                static_cast<const int32_t*>(indptr.untyped_data()));
+  return problem.empty() ? ffi::Error::Success() : InvalidArgument(problem);
+}
 
 ffi::Error SparseConvCpuImpl(ffi::AnyBuffer x, ffi::AnyBuffer values, ffi::AnyBuffer indices,
                              ffi::AnyBuffer indptr, ffi::AnyBuffer bias,
@@ -19,13 +27,29 @@ ffi::Error SparseConvCpuImpl(ffi::AnyBuffer x, ffi::AnyBuffer values, ffi::AnyBu
   if (ffi::Error e = DecodeSparseConv(x, values, indices, indptr, bias, *out, attrs, &g, &type);
       e.failure())
     return e;
-  const auto* idx = static_cast<const int32_t*>(indices.untyped_data());
-  const auto* ptr = static_cast<const int32_t*>(indptr.untyped_data());
-  // The buffers are on the host: the structure is cheap to check on every call.
-  if (std::string problem = CheckCsrStructure(g, idx, ptr); !problem.empty())
-    return InvalidArgument(problem);
-  SparseConvCpu(g, type, x.untyped_data(), values.untyped_data(), idx, ptr,
+  if (ffi::Error e = CheckStructure(g, indices, indptr); e.failure()) return e;
+  SparseConvCpu(g, type, x.untyped_data(), values.untyped_data(),
+                static_cast<const int32_t*>(indices.untyped_data()),
+                static_cast<const int32_t*>(indptr.untyped_data()),
                 g.has_bias ? bias.untyped_data() : nullptr, out->untyped_data(), 0);
+  return ffi::Error::Success();
+}
+
+ffi::Error SparseConvFilterGradCpuImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer indices,
+                                       ffi::AnyBuffer indptr, ffi::Result<ffi::AnyBuffer> grad,
+                                       ffi::Span<const int64_t> kernel_size,
+                                       ffi::Span<const int64_t> strides,
+                                       ffi::Span<const int64_t> padding,
+                                       ffi::Span<const int64_t> dilation) {
+  ConvGeometry g;
+  ElementType type;
+  const SparseConvAttrs attrs{kernel_size, strides, padding, dilation, 0};
+  if (ffi::Error e = DecodeGeometry(x, dy, *grad, indices, indptr, attrs, &g, &type); e.failure())
+    return e;
+  if (ffi::Error e = CheckStructure(g, indices, indptr); e.failure()) return e;
+  SparseConvFilterGradCpu(g, type, x.untyped_data(), dy.untyped_data(),
+                          static_cast<const int32_t*>(indices.untyped_data()),
+                          static_cast<const int32_t*>(indptr.untyped_data()), grad->untyped_data(), 0);
   return ffi::Error::Success();
 }
 
@@ -44,5 +68,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseConvCpuHandler, SparseConvCpuImpl,
                                   .Attr<ffi::Span<const int64_t>>("padding")
                                   .Attr<ffi::Span<const int64_t>>("dilation")
                                   .Attr<int64_t>("relu"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseConvFilterGradCpuHandler, SparseConvFilterGradCpuImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // x, NHWC
+                                  .Arg<ffi::AnyBuffer>()  // dy, NHWC (output-shaped)
+                                  .Arg<ffi::AnyBuffer>()  // indices (int32)
+                                  .Arg<ffi::AnyBuffer>()  // indptr (int32)
+                                  .Ret<ffi::AnyBuffer>()  // gradient of the values, (nnz,)
+                                  .Attr<ffi::Span<const int64_t>>("kernel_size")
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("padding")
+                                  .Attr<ffi::Span<const int64_t>>("dilation"));
 
 }  // namespace jaxsparse

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "ffi/sparse_conv_args.h"
+#include "gpu/sparse_conv_filter_grad.h"
 #include "gpu/sparse_conv_launch.h"
 
 namespace jaxsparse {
@@ -48,6 +49,28 @@ ffi::Error SparseConvCudaImpl(cudaStream_t stream, ffi::ScratchAllocator scratch
   return ffi::Error::Success();
 }
 
+ffi::Error SparseConvFilterGradCudaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer dy,
+                                        ffi::AnyBuffer indices, ffi::AnyBuffer indptr,
+                                        ffi::Result<ffi::AnyBuffer> grad,
+                                        ffi::Span<const int64_t> kernel_size,
+                                        ffi::Span<const int64_t> strides,
+                                        ffi::Span<const int64_t> padding,
+                                        ffi::Span<const int64_t> dilation) {
+  ConvGeometry g;
+  ElementType type;
+  const SparseConvAttrs attrs{kernel_size, strides, padding, dilation, 0};
+  if (ffi::Error e = DecodeGeometry(x, dy, *grad, indices, indptr, attrs, &g, &type); e.failure())
+    return e;
+  const cudaError_t status = LaunchSparseConvFilterGrad(
+      stream, g, type, x.untyped_data(), dy.untyped_data(),
+      static_cast<const int32_t*>(indices.untyped_data()),
+      static_cast<const int32_t*>(indptr.untyped_data()), grad->untyped_data());
+  if (status != cudaSuccess)
+    return ffi::Error::Internal(std::string("jaxsparse sparse_conv filter gradient: CUDA launch failed: ") +
+                                cudaGetErrorString(status));
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Command-buffer compatible: the handler only enqueues kernels on XLA's
@@ -67,6 +90,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseConvCudaHandler, SparseConvCudaImpl,
                                   .Attr<ffi::Span<const int64_t>>("padding")
                                   .Attr<ffi::Span<const int64_t>>("dilation")
                                   .Attr<int64_t>("relu"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+}  // namespace jaxsparse
+
+namespace jaxsparse {
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseConvFilterGradCudaHandler, SparseConvFilterGradCudaImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // x, NHWC
+                                  .Arg<ffi::AnyBuffer>()  // dy, NHWC (output-shaped)
+                                  .Arg<ffi::AnyBuffer>()  // indices (int32)
+                                  .Arg<ffi::AnyBuffer>()  // indptr (int32)
+                                  .Ret<ffi::AnyBuffer>()  // gradient of the values, (nnz,)
+                                  .Attr<ffi::Span<const int64_t>>("kernel_size")
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("padding")
+                                  .Attr<ffi::Span<const int64_t>>("dilation"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 }  // namespace jaxsparse

@@ -5,4 +5,6 @@
 namespace jaxsparse {
 // Custom-call target "jaxsparse_sparse_conv" on platform "CUDA".
 XLA_FFI_DECLARE_HANDLER_SYMBOL(SparseConvCudaHandler);
+// Custom-call target "jaxsparse_sparse_conv_filter_grad" on platform "CUDA".
+XLA_FFI_DECLARE_HANDLER_SYMBOL(SparseConvFilterGradCudaHandler);
 }  // namespace jaxsparse

@@ -90,17 +90,27 @@ void SparseConvFilterGradCpu(const ConvGeometry& g, ElementType type, const void
     for (int64_t r = 0; r < g.out_c; ++r) dy_t[r * pixels + p] = LoadElement(type, dy, p * g.out_c + r);
 
   ParallelFor(threads, g.out_c, [&](int64_t begin, int64_t end) {
+    // Elementwise partial sums over ow vectorise (a scalar reduction would not,
+    // float addition not being associative); they are added up at the end.
+    std::vector<float> partial(static_cast<size_t>(g.out_w));
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t j = indptr[r]; j < indptr[r + 1]; ++j) {
         const int64_t offset = padded.Offset(g, indices[j]);
-        float sum = 0.0f;
+        std::fill(partial.begin(), partial.end(), 0.0f);
+        float* part = partial.data();
         for (int64_t n = 0; n < g.batch; ++n) {
           for (int64_t oh = 0; oh < g.out_h; ++oh) {
             const float* d = dy_t.data() + r * pixels + (n * g.out_h + oh) * g.out_w;
             const float* src = padded.data.data() + n * padded.image + oh * g.stride_h * padded.wp + offset;
-            for (int64_t ow = 0; ow < g.out_w; ++ow) sum += d[ow] * src[ow * g.stride_w];
+            if (g.stride_w == 1) {
+              for (int64_t ow = 0; ow < g.out_w; ++ow) part[ow] += d[ow] * src[ow];
+            } else {
+              for (int64_t ow = 0; ow < g.out_w; ++ow) part[ow] += d[ow] * src[ow * g.stride_w];
+            }
           }
         }
+        float sum = 0.0f;
+        for (int64_t ow = 0; ow < g.out_w; ++ow) sum += part[ow];
         StoreElement(type, grad_values, j, sum);
       }
     }

@@ -1,0 +1,107 @@
+"""Sentence-classification data for the CNN-non-static experiment (Kim, 2014).
+
+Files in ``../shared/data/sentences`` (one ``<label> <tokenised sentence>`` per
+line): MR (``rt-polarity.all``, no fixed split) and SST-2
+(``stsa.binary.{train,dev,test}``). The text is already tokenised, so tokens are
+whitespace-separated words. Vocabulary: every word of the training split
+(index 0 pads, 1 is unknown).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+PAD, UNK = 0, 1
+
+
+def default_root() -> Path:
+    if env := os.environ.get("JAXSPARSE_SENTENCES_ROOT"):
+        return Path(env)
+    project = Path(__file__).resolve().parent.parent
+    for candidate in (project / ".device_data" / "sentences", project.parent / "shared" / "data" / "sentences"):
+        if candidate.is_dir():
+            return candidate
+    return project.parent / "shared" / "data" / "sentences"
+
+
+def read_file(path: Path) -> tuple[list[list[str]], np.ndarray]:
+    if not path.is_file():
+        raise FileNotFoundError(f"sentence data not found: {path} (is ../shared/data/sentences present?)")
+    sentences, labels = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            parts = line.strip().split()
+            if len(parts) < 2:
+                continue
+            labels.append(int(parts[0]))
+            sentences.append(parts[1:])
+    return sentences, np.asarray(labels, np.int32)
+
+
+@dataclass
+class Split:
+    tokens: np.ndarray  # (n, max_len) int32
+    labels: np.ndarray  # (n,) int32
+
+
+@dataclass
+class Dataset:
+    name: str
+    vocab: dict
+    train: Split
+    test: Split
+    dev: Split | None
+    num_classes: int
+    split_note: str
+
+
+def _encode(sentences, vocab, max_len) -> np.ndarray:
+    out = np.full((len(sentences), max_len), PAD, np.int32)
+    for i, words in enumerate(sentences):
+        ids = [vocab.get(w, UNK) for w in words[:max_len]]
+        out[i, : len(ids)] = ids
+    return out
+
+
+def _build_vocab(sentences) -> dict:
+    vocab = {"<pad>": PAD, "<unk>": UNK}
+    for words in sentences:
+        for w in words:
+            if w not in vocab:
+                vocab[w] = len(vocab)
+    return vocab
+
+
+def load(name: str, *, max_len: int = 56, root: Path | None = None, seed: int = 0,
+         test_fraction: float = 0.1, train_limit: int | None = None) -> Dataset:
+    """'mr' (a fixed, seeded held-out split of ``test_fraction``) or 'sst2' (its own splits)."""
+    root = Path(root) if root is not None else default_root()
+    if name == "mr":
+        sentences, labels = read_file(root / "rt-polarity.all")
+        order = np.random.default_rng(seed).permutation(len(sentences))
+        n_test = int(round(test_fraction * len(sentences)))
+        test_idx, train_idx = order[:n_test], order[n_test:]
+        train_s = [sentences[i] for i in train_idx]
+        train_y, test_s, test_y = labels[train_idx], [sentences[i] for i in test_idx], labels[test_idx]
+        dev = None
+        note = (f"MR: fixed held-out split, {n_test} of {len(sentences)} sentences for test "
+                f"(seeded permutation, seed {seed}); not 10-fold cross-validation")
+    elif name == "sst2":
+        train_s, train_y = read_file(root / "stsa.binary.train")
+        test_s, test_y = read_file(root / "stsa.binary.test")
+        dev_s, dev_y = read_file(root / "stsa.binary.dev")
+        dev = (dev_s, dev_y)
+        note = "SST-2: the standard train/dev/test split (sentence level)"
+    else:
+        raise ValueError(f"unknown dataset {name!r}: use 'mr' or 'sst2'")
+    if train_limit is not None:
+        train_s, train_y = train_s[:train_limit], train_y[:train_limit]
+    vocab = _build_vocab(train_s)
+    enc = lambda s, y: Split(_encode(s, vocab, max_len), np.asarray(y, np.int32))
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    return Dataset(name, vocab, enc(train_s, train_y), enc(test_s, test_y),
+                   enc(*dev) if dev is not None else None, num_classes, note)

@@ -23,14 +23,19 @@ DEFAULT_ROOT_ENV = "JAXSPARSE_DLMC_ROOT"
 
 
 def default_root() -> Path:
-    """``$JAXSPARSE_DLMC_ROOT`` if set, else ``../shared/data/dlmc`` beside the project."""
+    """``$JAXSPARSE_DLMC_ROOT`` if set, else ``../shared/data/dlmc`` beside the project (or
+    beside the working directory), else the git-ignored copy ``.device_data/dlmc`` that
+    device runs carry."""
     if env := os.environ.get(DEFAULT_ROOT_ENV):
         return Path(env)
     project = Path(__file__).resolve().parent.parent
-    for candidate in (project / ".device_data" / "dlmc", project.parent / "shared" / "data" / "dlmc"):
+    candidates = (project.parent / "shared" / "data" / "dlmc",
+                  Path.cwd().parent / "shared" / "data" / "dlmc",  # an installed package
+                  project / ".device_data" / "dlmc", Path.cwd() / ".device_data" / "dlmc")
+    for candidate in candidates:
         if candidate.is_dir():
             return candidate
-    return project.parent / "shared" / "data" / "dlmc"
+    return candidates[0]
 
 
 def dlmc_path(layer: str, sparsity: float, root: str | Path | None = None) -> Path:
@@ -48,9 +53,13 @@ def read_smtx(path: str | Path) -> tuple[int, int, np.ndarray, np.ndarray]:
         lines = f.read().strip().split("\n")
     if len(lines) < 2:
         raise SparseFilterError(f"{path}: expected 3 lines (header, row offsets, columns)")
-    m, k, nnz = (int(v) for v in lines[0].replace(",", " ").split())
-    indptr = np.array(lines[1].split(), dtype=np.int64)
-    indices = np.array(lines[2].split(), dtype=np.int64) if len(lines) > 2 else np.zeros(0, np.int64)
+    try:
+        m, k, nnz = (int(v) for v in lines[0].replace(",", " ").split())
+        indptr = np.array(lines[1].split(), dtype=np.int64)
+        indices = np.array(lines[2].split(), dtype=np.int64) if len(lines) > 2 else np.zeros(0, np.int64)
+    except ValueError as e:
+        raise SparseFilterError(f"{path}: malformed .smtx file (header 'M, K, nnz', then row offsets "
+                                f"and column indices as integers): {e}") from None
     if indptr.shape[0] != m + 1 or indices.shape[0] != nnz:
         raise SparseFilterError(f"{path}: header says {m} rows and {nnz} nonzeros, file has "
                                 f"{indptr.shape[0] - 1} rows and {indices.shape[0]} columns")
@@ -76,10 +85,12 @@ def load_dlmc(path_or_layer, sparsity: float | None = None, *, kernel_size=None,
     spatial = math.prod(kernel_size)
     if k % spatial:
         raise SparseFilterError(f"{path}: K = {k} is not a multiple of the kernel taps {spatial}")
-    # Canonical order within rows (the files are expected sorted; make sure).
-    rows = np.repeat(np.arange(m), np.diff(indptr))
-    order = np.lexsort((indices, rows))
-    indices = indices[order]
+    # Canonical order within rows (the files are expected sorted; make sure). A broken indptr
+    # is left as is for SparseFilter's validation to name.
+    if indptr[0] == 0 and indptr[-1] == indices.shape[0] and np.all(np.diff(indptr) >= 0):
+        rows = np.repeat(np.arange(m), np.diff(indptr))
+        order = np.lexsort((indices, rows))
+        indices = indices[order]
     rng = np.random.default_rng(seed)
     fan_in = max(1.0, indices.shape[0] / max(m, 1))
     data = (rng.standard_normal(indices.shape[0]) * np.sqrt(2.0 / fan_in)).astype(dtype)

@@ -15,7 +15,7 @@ def normalize_ints(value, ndim: int, name: str) -> tuple[int, ...]:
     else:
         try:
             values = tuple(int(v) for v in value)
-        except TypeError:
+        except (TypeError, ValueError):
             raise TypeError(f"{name} must be an int or a sequence of {ndim} ints, got {value!r}") from None
         if len(values) != ndim:
             raise ValueError(f"{name} must have {ndim} entries for a {ndim}-D convolution, got {value!r}")

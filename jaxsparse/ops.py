@@ -44,6 +44,9 @@ def sparse_conv(x, filter: SparseFilter, *, strides=1, padding="SAME", rhs_dilat
     """
     if not isinstance(filter, SparseFilter):
         raise TypeError(f"filter must be a jaxsparse.SparseFilter, got {type(filter).__name__}")
+    if hasattr(x, "dtype") and np.dtype(x.dtype) not in SUPPORTED_DTYPES:
+        # before jnp.asarray, which would silently turn a float64 array into float32
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {np.dtype(x.dtype)}")
     x = jnp.asarray(x)
     nd = filter.ndim
     if x.ndim != nd + 2:
@@ -76,7 +79,8 @@ def sparse_conv(x, filter: SparseFilter, *, strides=1, padding="SAME", rhs_dilat
 
     out_spatial = tuple(output_size(s, k, st, p, d)
                         for s, k, st, p, d in zip(spatial, filter.kernel_size, strides, pads, dilation))
-    if any(o < 0 for o in out_spatial):
+    if any(s + lo + hi < (k - 1) * d + 1
+           for s, k, (lo, hi), d in zip(spatial, filter.kernel_size, pads, dilation)):
         raise ValueError(f"the filter (kernel {filter.kernel_size}, dilation {dilation}) is larger than "
                          f"the padded input {spatial} with padding {pads}")
     out_shape = (x.shape[0],) + out_spatial + (filter.out_channels,)

@@ -21,6 +21,8 @@ from jax.interpreters import batching, mlir
 from jaxsparse import _native
 from jaxsparse.geometry import output_size
 from jaxsparse.reference import densify, dense_conv_nhwc
+from jaxsparse.sharding import (batch_partitioned_lowering, output_sharding_kwargs,
+                                require_devices_during_lowering)
 
 sparse_conv_p = Primitive("jaxsparse_sparse_conv")
 
@@ -43,7 +45,8 @@ def _abstract_eval(x, data, indices, indptr, bias, *, kernel_size, strides, padd
     n, h, w, _ = x.shape
     out_h = output_size(h, kernel_size[0], strides[0], padding[0], dilation[0])
     out_w = output_size(w, kernel_size[1], strides[1], padding[1], dilation[1])
-    return jax.core.ShapedArray((n, out_h, out_w, indptr.shape[0] - 1), x.dtype)
+    return jax.core.ShapedArray((n, out_h, out_w, indptr.shape[0] - 1), x.dtype,
+                                **output_sharding_kwargs(x))
 
 
 sparse_conv_p.def_abstract_eval(_abstract_eval)
@@ -59,53 +62,59 @@ sparse_conv_p.def_impl(_impl)
 
 # ---- lowerings --------------------------------------------------------------
 
+def conv_attributes(kernel_size, strides, padding, dilation):
+    """The FFI attributes describing the convolution geometry (exact int64 types)."""
+    return dict(kernel_size=np.asarray(kernel_size, np.int64),
+                strides=np.asarray(strides, np.int64),
+                padding=np.asarray([p for pair in padding for p in pair], np.int64),
+                dilation=np.asarray(dilation, np.int64))
+
+
+def _sparse_conv_native(target):
+    # The FFI call, partitioned along the batch under jax.sharding (see jaxsparse.sharding).
+    return batch_partitioned_lowering(target)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback_once(platform, target, error):
+    warnings.warn(f"jaxsparse: native target {target} unavailable on {platform} ({error}); "
+                  "falling back to a dense XLA formulation. Set "
+                  f"{REQUIRE_CUDA_ENV}=1 to make this an error on GPUs.", RuntimeWarning, stacklevel=3)
+
+
+def register_lowerings(prim, target, native_lowering, fallback_fn):
+    """Lowers `prim` to the native FFI `target` on CPU and CUDA where it is
+    registered, and to `fallback_fn` (dense jnp) elsewhere. On CUDA without the
+    target it warns once, or raises under JAXSPARSE_REQUIRE_CUDA=1."""
+    fallback = mlir.lower_fun(fallback_fn, multiple_results=False)
+
+    def cpu_rule(ctx, *args, **params):
+        if _native.has_target(target, "cpu"):
+            return native_lowering(ctx, *args, **params)
+        _warn_fallback_once("cpu", target, str(_native.cpu_import_error))
+        return fallback(ctx, *args, **params)
+
+    def cuda_rule(ctx, *args, **params):
+        if _native.has_target(target, "cuda"):
+            return native_lowering(ctx, *args, **params)
+        if require_cuda():
+            raise RuntimeError(f"{REQUIRE_CUDA_ENV}=1 but the jaxsparse CUDA target {target} is "
+                               f"unavailable: {_native.cuda_import_error}")
+        _warn_fallback_once("cuda", target, str(_native.cuda_import_error))
+        return fallback(ctx, *args, **params)
+
+    mlir.register_lowering(prim, fallback)  # any other platform
+    mlir.register_lowering(prim, cpu_rule, platform="cpu")
+    mlir.register_lowering(prim, cuda_rule, platform="cuda")
+
+
 def _dense_fallback(x, data, indices, indptr, bias, *, kernel_size, strides, padding, dilation, relu):
     kernel = densify(data, indices, indptr, kernel_size, x.shape[-1])
     return dense_conv_nhwc(x, kernel, bias, strides=strides, padding=padding, dilation=dilation, relu=relu)
 
 
-_fallback_lowering = mlir.lower_fun(_dense_fallback, multiple_results=False)
-
-
-def _native_lowering(ctx, x, data, indices, indptr, bias, *, kernel_size, strides, padding,
-                     dilation, relu):
-    rule = jax.ffi.ffi_lowering(_native.TARGET)
-    return rule(ctx, x, data, indices, indptr, bias,
-                kernel_size=np.asarray(kernel_size, np.int64),
-                strides=np.asarray(strides, np.int64),
-                padding=np.asarray([p for pair in padding for p in pair], np.int64),
-                dilation=np.asarray(dilation, np.int64),
-                relu=np.int64(relu))
-
-
-def _cpu_lowering(ctx, *args, **params):
-    if not _native.cpu_available():
-        warnings.warn(f"jaxsparse CPU extension unavailable ({_native.cpu_import_error}); "
-                      "using the dense XLA fallback", RuntimeWarning, stacklevel=2)
-        return _fallback_lowering(ctx, *args, **params)
-    return _native_lowering(ctx, *args, **params)
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_cuda_fallback_once():
-    warnings.warn(f"jaxsparse CUDA extension unavailable ({_native.cuda_import_error}); sparse_conv "
-                  "on the GPU falls back to densify + XLA convolution. Set "
-                  f"{REQUIRE_CUDA_ENV}=1 to make this an error.", RuntimeWarning, stacklevel=3)
-
-
-def _cuda_lowering(ctx, *args, **params):
-    if _native.cuda_available():
-        return _native_lowering(ctx, *args, **params)
-    if require_cuda():
-        raise RuntimeError(f"{REQUIRE_CUDA_ENV}=1 but the jaxsparse CUDA extension is unavailable: "
-                           f"{_native.cuda_import_error}")
-    _warn_cuda_fallback_once()
-    return _fallback_lowering(ctx, *args, **params)
-
-
-mlir.register_lowering(sparse_conv_p, _fallback_lowering)  # any other platform
-mlir.register_lowering(sparse_conv_p, _cpu_lowering, platform="cpu")
-mlir.register_lowering(sparse_conv_p, _cuda_lowering, platform="cuda")
+register_lowerings(sparse_conv_p, _native.TARGET, _sparse_conv_native(_native.TARGET), _dense_fallback)
+require_devices_during_lowering(sparse_conv_p)
 
 
 # ---- batching ---------------------------------------------------------------
@@ -123,7 +132,7 @@ def _batch_rule(args, dims, **params):
     """
     x, data, indices, indptr, bias = args
     x_dim, data_dim, indices_dim, indptr_dim, bias_dim = dims
-    not_mapped = batching.not_mapped
+    not_mapped = None  # batching.not_mapped; no longer exported by jax >= 0.10
 
     if all(d is not_mapped for d in (data_dim, indices_dim, indptr_dim, bias_dim)):
         x = jnp.moveaxis(x, x_dim, 0)

@@ -6,6 +6,9 @@ reference in tests and benchmarks. It is never presented as a sparse kernel.
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -24,6 +27,7 @@ def dense_conv_nhwc(x, kernel_hwio, bias, *, strides, padding, dilation, relu,
     return y.astype(x.dtype)
 
 
+@functools.partial(jax.jit, static_argnums=(3, 4))
 def densify(data, indices, indptr, kernel_size, in_channels):
     """Dense HWIO kernel from CSR leaves (traceable)."""
     out_channels = indptr.shape[0] - 1

@@ -1,11 +1,36 @@
 """Shared test configuration: hypothesis profiles, GPU marker, shared data."""
 
+import importlib.machinery
 import os
-import jax
-import pytest
-from hypothesis import HealthCheck, settings
+import sys
+from pathlib import Path
 
-import jaxsparse
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def _prefer_installed_jaxsparse():
+    """Tests run against the *installed* jaxsparse (reinstall after editing it).
+
+    `python -m pytest` from the repo root puts the root on sys.path, so `import
+    jaxsparse` would pick up the source folder, which lacks the compiled
+    extension (or holds a stale in-place copy). When jaxsparse is installed
+    elsewhere, drop the root from sys.path; otherwise (an in-place build, or
+    JAXSPARSE_TEST_SOURCE_TREE=1) the source folder is tested.
+    """
+    if os.environ.get("JAXSPARSE_TEST_SOURCE_TREE", "0") not in ("", "0"):
+        return
+    rest = [p for p in sys.path if Path(p or os.curdir).resolve() != _REPO]
+    if len(rest) != len(sys.path) and importlib.machinery.PathFinder.find_spec("jaxsparse", rest):
+        sys.path[:] = rest
+
+
+_prefer_installed_jaxsparse()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+import jaxsparse  # noqa: E402
 from jaxsparse.primitive import require_cuda
 
 # jit compiles inside examples, so no deadline; CI bounds the example count.
@@ -18,6 +43,10 @@ settings.register_profile("gpu", max_examples=40, deadline=None,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 jax.config.update("jax_enable_x64", False)
+
+
+def pytest_report_header(config):
+    return f"jaxsparse under test: {Path(jaxsparse.__file__).parent}"
 
 
 def gpu_present() -> bool:
@@ -47,6 +76,8 @@ def gpu_device():
 def dlmc_root():
     from jaxsparse.dlmc import default_root
     root = default_root()
+    if not (root / "rn50").is_dir() and (_REPO.parent / "shared" / "data" / "dlmc" / "rn50").is_dir():
+        root = _REPO.parent / "shared" / "data" / "dlmc"  # tests run from another directory
     if not (root / "rn50").is_dir():
         pytest.skip(f"DLMC data not found at {root} (../shared/data/dlmc is absent)")
     return root

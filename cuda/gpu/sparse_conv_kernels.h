@@ -6,8 +6,25 @@
 
 namespace jaxsparse {
 
-// One thread per (output pixel, output channel): the correctness baseline.
+// One thread per (output pixel, output channel): the correctness baseline and
+// the fallback for shapes whose input window does not fit in shared memory.
 cudaError_t LaunchSparseConvNaive(cudaStream_t stream, const ConvGeometry& g, ElementType type,
                                   const SparseConvOperands& operands);
+
+// Direct sparse convolution (any KxK, strides, padding, dilation): a block
+// stages an output tile's input window for all channels in shared memory and
+// its warps run over the nonzeros of its output channels (sparse_conv_tiled.cu).
+cudaError_t LaunchSparseConvDirect(cudaStream_t stream, const ConvGeometry& g, ElementType type,
+                                   const SparseConvOperands& operands);
+
+// 1x1 / stride 1 / unpadded convolutions as an SpMM over N*H*W pixels
+// (pixel tiles of any length; same kernel body as the direct one).
+cudaError_t LaunchSparseConvSpmm1x1(cudaStream_t stream, const ConvGeometry& g, ElementType type,
+                                    const SparseConvOperands& operands);
+
+// Whether the tiled kernels have a plan that fits this device's shared memory.
+bool IsSpmm1x1(const ConvGeometry& g);
+cudaError_t PlanSparseConvDirect(const ConvGeometry& g, ElementType type, bool* fits);
+cudaError_t PlanSparseConvSpmm1x1(const ConvGeometry& g, ElementType type, bool* fits);
 
 }  // namespace jaxsparse

@@ -1,0 +1,496 @@
+// Shared-memory tiled sparse convolution: the direct KxK kernel and the 1x1
+// SpMM kernel (the same body under two configurations). See tiled_plan.h for
+// the design; NOTES.md for measurements.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <mutex>
+#include <unordered_map>
+
+#include "gpu/element_io.cuh"
+#include "gpu/sparse_conv_kernels.h"
+#include "gpu/tiled_plan.h"
+
+namespace jaxsparse {
+namespace tiled {
+namespace {
+
+// Compile-time configuration of one kernel instantiation (Sputnik style).
+template <typename T, int kPixelsPerThread, bool kAffine>
+struct TileConfig {
+  using Element = T;
+  static constexpr int kP = kPixelsPerThread;
+  static constexpr bool kAffinePixels = kAffine;
+  static constexpr int kWarpsPerBlock = kWarps;
+  static constexpr int kThreadsPerBlock = kThreads;
+  // 16-byte vector of the element type, used to fill the input window.
+  static constexpr int kVecElems = 16 / sizeof(T);
+  static_assert(kP == 1 || kP == 2 || kP == 4 || kP == 8, "pixels per thread must be 1, 2, 4 or 8");
+  static_assert(kThreadsPerBlock <= 1024 && kThreadsPerBlock % 32 == 0, "bad block size");
+  static_assert(kVecElems * sizeof(T) == 16, "vector width must be 16 bytes");
+  static_assert(sizeof(int2) == 8 && kMetaBytes == kWarpsPerBlock * 32 * 8, "metadata staging size");
+};
+
+// Loads 16 bytes (kVecElems elements) and converts them to float.
+template <typename T>
+__device__ __forceinline__ void LoadVec16(const T* p, float* out);
+
+template <>
+__device__ __forceinline__ void LoadVec16<float>(const float* p, float* out) {
+  const float4 v = __ldg(reinterpret_cast<const float4*>(p));
+  out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
+}
+template <>
+__device__ __forceinline__ void LoadVec16<__half>(const __half* p, float* out) {
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+    out[2 * i] = f.x; out[2 * i + 1] = f.y;
+  }
+}
+template <>
+__device__ __forceinline__ void LoadVec16<__nv_bfloat16>(const __nv_bfloat16* p, float* out) {
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = __uint_as_float(w[i] << 16);
+    out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+
+template <class Config>
+__global__ void __launch_bounds__(Config::kThreadsPerBlock)
+TiledSparseConvKernel(TileArgs a, const typename Config::Element* __restrict__ x,
+                      const typename Config::Element* __restrict__ values,
+                      const int32_t* __restrict__ indices, const int32_t* __restrict__ indptr,
+                      const typename Config::Element* __restrict__ bias,
+                      typename Config::Element* __restrict__ out) {
+  using T = typename Config::Element;
+  constexpr int P = Config::kP;
+  constexpr int V = Config::kVecElems;
+  extern __shared__ float4 smem_raw[];
+  float* tile = reinterpret_cast<float*>(smem_raw);
+  float* stage = tile + a.tile_floats;
+  int4* meta_all = reinterpret_cast<int4*>(stage + a.out_floats);
+  __shared__ int task_counter;
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  int4* meta4 = meta_all + warp * 16;  // 32 (offset, value) pairs of this warp
+  int2* meta2 = reinterpret_cast<int2*>(meta4);
+
+  // Which tile and which group of output channels.
+  int b = blockIdx.x;
+  const int grp = b % a.groups; b /= a.groups;
+  const int tw_i = b % a.tiles_w; b /= a.tiles_w;
+  const int th_i = b % a.tiles_h;
+  const int n = b / a.tiles_h;
+  const int oh0 = th_i * a.tile_h, ow0 = tw_i * a.tile_w;
+  const int th_n = min(a.tile_h, a.out_h - oh0), tw_n = min(a.tile_w, a.out_w - ow0);
+  const int ih0 = oh0 * a.stride_h - a.pad_h, iw0 = ow0 * a.stride_w - a.pad_w;
+  const int win = a.tile_rows * a.tile_cols;  // window positions per channel
+
+  if (tid == 0) task_counter = 0;
+
+  // ---- 1. input window -> shared memory, float32, [ci][row][col], zero padded.
+  // Loads are batched (kFillBatch independent 16-byte loads per thread before
+  // any store) so the fill costs a few L2 round trips, not one per iteration.
+  // Vector path: a warp covers 8 window positions x 4 channel vectors (64
+  // contiguous bytes per position); the planner picks the channel stride so
+  // the transposed shared stores of such a warp hit 32 distinct banks.
+  const T* xn = x + static_cast<int64_t>(n) * a.in_h * a.in_w * a.in_c;
+  if (a.vec_fill) {
+    constexpr int kFillBatch = 32 / V;
+    const int cinv = a.in_c / V;
+    const int cvb = (cinv + 3) >> 2;
+    const int units = ((win + 7) >> 3) * cvb;
+    const int p_lo = lane & 7, c_lo = lane >> 3;
+    for (int u0 = warp; u0 < units; u0 += kFillBatch * Config::kWarpsPerBlock) {
+      float f[kFillBatch][V];
+      int dst[kFillBatch];
+#pragma unroll
+      for (int k = 0; k < kFillBatch; ++k) {
+        const int u = u0 + k * Config::kWarpsPerBlock;
+        const int pb = u / cvb, cb = u - pb * cvb;
+        const int pos = pb * 8 + p_lo, cv = cb * 4 + c_lo;
+        const bool ok = u < units && pos < win && cv < cinv;
+        dst[k] = ok ? cv * V * a.chan_stride + pos : -1;
+        bool inb = false;
+        int64_t off = 0;
+        if (ok) {
+          const int t = pos / a.tile_cols, c = pos - t * a.tile_cols;
+          const int ih = ih0 + t, iw = iw0 + c;
+          inb = ih >= 0 && ih < a.in_h && iw >= 0 && iw < a.in_w;
+          off = (static_cast<int64_t>(ih) * a.in_w + iw) * a.in_c + cv * V;
+        }
+        if (inb) {
+          LoadVec16<T>(xn + off, f[k]);
+        } else {
+#pragma unroll
+          for (int v = 0; v < V; ++v) f[k][v] = 0.0f;
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < kFillBatch; ++k)
+        if (dst[k] >= 0) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) tile[dst[k] + v * a.chan_stride] = f[k][v];
+        }
+    }
+  } else {
+    // Scalar path (Cin not a multiple of the vector width): 32 consecutive
+    // channels of one position per warp, 8 positions in flight per thread.
+    constexpr int kFillBatch = 8;
+    const int cb32 = (a.in_c + 31) >> 5;
+    const int units = win * cb32;
+    for (int u0 = warp; u0 < units; u0 += kFillBatch * Config::kWarpsPerBlock) {
+      float f[kFillBatch];
+      int dst[kFillBatch];
+#pragma unroll
+      for (int k = 0; k < kFillBatch; ++k) {
+        const int u = u0 + k * Config::kWarpsPerBlock;
+        const int pos = u / cb32, ci = (u - pos * cb32) * 32 + lane;
+        const bool ok = u < units && ci < a.in_c;
+        dst[k] = ok ? ci * a.chan_stride + pos : -1;
+        f[k] = 0.0f;
+        if (ok) {
+          const int t = pos / a.tile_cols, c = pos - t * a.tile_cols;
+          const int ih = ih0 + t, iw = iw0 + c;
+          if (ih >= 0 && ih < a.in_h && iw >= 0 && iw < a.in_w)
+            f[k] = LoadAsFloat(xn + (static_cast<int64_t>(ih) * a.in_w + iw) * a.in_c + ci);
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < kFillBatch; ++k)
+        if (dst[k] >= 0) tile[dst[k]] = f[k];
+    }
+  }
+  // Gaps between channels and the slack after the last one (read only by
+  // lanes whose results are discarded) are zeroed so every read is defined.
+  {
+    const int gap = a.chan_stride - win;
+    for (int i = tid; i < a.in_c * gap; i += Config::kThreadsPerBlock) {
+      const int ci = i / gap;
+      tile[ci * a.chan_stride + win + (i - ci * gap)] = 0.0f;
+    }
+    for (int i = a.in_c * a.chan_stride + tid; i < a.tile_floats; i += Config::kThreadsPerBlock)
+      tile[i] = 0.0f;
+  }
+  __syncthreads();
+
+  // ---- 2. (output channel, pixel chunk) tasks from a block-local queue.
+  const int r_lo = grp * a.rows_per_group;
+  const int nrows = min(a.rows_per_group, a.out_c - r_lo);
+  const int ntasks = nrows * a.chunks;
+  const int row_step = a.dil_h * a.tile_cols;
+  // Pixels of the tile this lane computes: virtual (affine) or real indices.
+  const int npix = th_n * tw_n;  // real pixels (mode B)
+
+  for (;;) {
+    int task = 0;
+    if (lane == 0) task = atomicAdd(&task_counter, 1);
+    task = __shfl_sync(0xffffffffu, task, 0);
+    if (task >= ntasks) break;
+    const int rl = task / a.chunks;
+    const int chunk = task - rl * a.chunks;
+    const int row = r_lo + rl;
+    const int q0 = chunk * 32 * P + lane;
+
+    int addr[P];      // tile address of each pixel (mode B)
+    int slot[P];      // staging pixel index, -1 if not a real output pixel
+#pragma unroll
+    for (int j = 0; j < P; ++j) {
+      const int q = q0 + 32 * j;
+      int th, ow;
+      if constexpr (Config::kAffinePixels) {
+        th = q / a.tile_cols; ow = q - th * a.tile_cols;
+        const bool valid = th < th_n && ow < tw_n;
+        slot[j] = valid ? th * a.tile_w + ow : -1;
+        addr[j] = 0;
+      } else {
+        th = q / tw_n; ow = q - th * tw_n;
+        const bool valid = q < npix;
+        slot[j] = valid ? th * a.tile_w + ow : -1;
+        addr[j] = valid ? th * a.stride_h * a.tile_cols + ow * a.stride_w : 0;
+      }
+    }
+
+    float acc[P];
+#pragma unroll
+    for (int j = 0; j < P; ++j) acc[j] = 0.0f;
+
+    int begin = __ldg(indptr + row), end = __ldg(indptr + row + 1);
+    begin = max(begin, 0);
+    end = min(end, a.nnz);
+    const float* tq = tile + q0;
+    for (int jb = begin; jb < end; jb += 32) {
+      const int cnt = min(32, end - jb);
+      // Lanes decode 32 nonzeros into pre-scaled tile offsets.
+      int2 m = make_int2(0, 0);
+      if (lane < cnt) {
+        const int c = __ldg(indices + jb + lane);
+        const float w = LoadAsFloat(values + jb + lane);
+        if (c >= 0 && c < a.taps) {
+          const int k = static_cast<int>(a.div_cin.Div(static_cast<uint32_t>(c)));
+          const int ci = c - k * a.in_c;
+          const int kh = static_cast<int>(a.div_kw.Div(static_cast<uint32_t>(k)));
+          const int kw = k - kh * a.kernel_w;
+          m.x = ci * a.chan_stride + kh * row_step + kw * a.dil_w;
+          m.y = __float_as_int(w);
+        }
+      }
+      meta2[lane] = m;
+      __syncwarp();
+      int i = 0;
+#pragma unroll 2
+      for (; i + 1 < cnt; i += 2) {
+        const int4 mm = meta4[i >> 1];
+        const float w0 = __int_as_float(mm.y), w1 = __int_as_float(mm.w);
+        if constexpr (Config::kAffinePixels) {
+          const float* t0 = tq + mm.x;
+          const float* t1 = tq + mm.z;
+          float v0[P], v1[P];
+#pragma unroll
+          for (int j = 0; j < P; ++j) { v0[j] = t0[32 * j]; v1[j] = t1[32 * j]; }
+#pragma unroll
+          for (int j = 0; j < P; ++j) acc[j] = fmaf(w1, v1[j], fmaf(w0, v0[j], acc[j]));
+        } else {
+          float v0[P], v1[P];
+#pragma unroll
+          for (int j = 0; j < P; ++j) { v0[j] = tile[addr[j] + mm.x]; v1[j] = tile[addr[j] + mm.z]; }
+#pragma unroll
+          for (int j = 0; j < P; ++j) acc[j] = fmaf(w1, v1[j], fmaf(w0, v0[j], acc[j]));
+        }
+      }
+      if (i < cnt) {
+        const int2 mm = meta2[i];
+        const float w0 = __int_as_float(mm.y);
+#pragma unroll
+        for (int j = 0; j < P; ++j) {
+          const float v = Config::kAffinePixels ? tq[mm.x + 32 * j] : tile[addr[j] + mm.x];
+          acc[j] = fmaf(w0, v, acc[j]);
+        }
+      }
+      __syncwarp();
+    }
+#pragma unroll
+    for (int j = 0; j < P; ++j)
+      if (slot[j] >= 0) stage[slot[j] * a.out_pitch + rl] = acc[j];
+  }
+  __syncthreads();
+
+  // ---- 3. staged results -> NHWC output, coalesced along channels.
+  const T* bias_t = a.has_bias ? bias : nullptr;
+  for (int q = warp; q < th_n * tw_n; q += Config::kWarpsPerBlock) {
+    const int th = q / tw_n, ow = q - th * tw_n;
+    T* dst = out + ((static_cast<int64_t>(n) * a.out_h + oh0 + th) * a.out_w + ow0 + ow) * a.out_c + r_lo;
+    const float* src = stage + (th * a.tile_w + ow) * a.out_pitch;
+    for (int r = lane; r < nrows; r += 32) {
+      float v = src[r];
+      if (bias_t) v += LoadAsFloat(bias_t + r_lo + r);
+      if (a.relu) v = fmaxf(v, 0.0f);
+      StoreFromFloat(dst + r, v);
+    }
+  }
+}
+
+// ---- host side --------------------------------------------------------------
+
+struct DeviceInfo {
+  bool ready = false;
+  DeviceLimits limits;
+};
+
+cudaError_t GetLimits(DeviceLimits* limits) {
+  static std::mutex mu;
+  static DeviceInfo info[64];
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  if (dev < 0 || dev >= 64) return cudaErrorInvalidDevice;
+  std::lock_guard<std::mutex> lock(mu);
+  if (!info[dev].ready) {
+    int sms = 0, smem_block = 0, smem_sm = 0;
+    if ((e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess) return e;
+    if ((e = cudaDeviceGetAttribute(&smem_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)) != cudaSuccess) return e;
+    if ((e = cudaDeviceGetAttribute(&smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev)) != cudaSuccess) return e;
+    info[dev].limits.sm_count = sms;
+    // Leave room for the kernel's static shared memory and the per-block reserve.
+    info[dev].limits.max_smem_block = smem_block - 256;
+    info[dev].limits.max_smem_sm = smem_sm;
+    info[dev].ready = true;
+  }
+  *limits = info[dev].limits;
+  return cudaSuccess;
+}
+
+struct PlanKey {
+  int64_t v[20];
+  bool operator==(const PlanKey& o) const {
+    for (int i = 0; i < 20; ++i)
+      if (v[i] != o.v[i]) return false;
+    return true;
+  }
+};
+struct PlanKeyHash {
+  size_t operator()(const PlanKey& k) const {
+    uint64_t h = 1469598103934665603ull;
+    for (int64_t x : k.v) { h ^= static_cast<uint64_t>(x); h *= 1099511628211ull; }
+    return static_cast<size_t>(h);
+  }
+};
+
+// Plans are cached: the cost model runs once per (geometry, dtype, device).
+cudaError_t CachedPlan(const ConvGeometry& g, int elem_bytes, Plan* plan) {
+  DeviceLimits limits;
+  if (cudaError_t e = GetLimits(&limits); e != cudaSuccess) return e;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  const PlanKey key{{g.batch, g.in_h, g.in_w, g.in_c, g.out_h, g.out_w, g.out_c, g.kernel_h,
+                     g.kernel_w, g.stride_h, g.stride_w, g.pad_h_lo, g.pad_w_lo, g.dilation_h,
+                     g.dilation_w, g.nnz, (g.relu ? 1 : 0) + 2 * (g.has_bias ? 1 : 0), elem_bytes,
+                     dev, 0}};
+  static std::mutex mu;
+  static std::unordered_map<PlanKey, Plan, PlanKeyHash> cache;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(key);
+    if (it != cache.end()) { *plan = it->second; return cudaSuccess; }
+  }
+  *plan = ChooseTilePlan(g, elem_bytes, limits);
+  std::lock_guard<std::mutex> lock(mu);
+  if (cache.size() > 4096) cache.clear();
+  cache.emplace(key, *plan);
+  return cudaSuccess;
+}
+
+template <class Config>
+cudaError_t LaunchConfig(cudaStream_t stream, const Plan& plan, const SparseConvOperands& op) {
+  using T = typename Config::Element;
+  auto kernel = TiledSparseConvKernel<Config>;
+  // Raise the dynamic shared-memory limit (a host-side function attribute,
+  // not stream work) once per device.
+  static std::mutex mu;
+  static uint64_t done_mask = 0;
+  int dev = 0;
+  if (cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return e;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    const uint64_t bit = uint64_t{1} << (dev & 63);
+    if (!(done_mask & bit)) {
+      int max_optin = 0;
+      cudaError_t e = cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+      if (e != cudaSuccess) return e;
+      cudaFuncAttributes attr{};
+      if ((e = cudaFuncGetAttributes(&attr, kernel)) != cudaSuccess) return e;
+      // Static + dynamic shared memory must stay within the opt-in limit.
+      e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               max_optin - static_cast<int>(attr.sharedSizeBytes));
+      if (e != cudaSuccess) return e;
+      done_mask |= bit;
+    }
+  }
+  TileArgs args = plan.args;
+  if (reinterpret_cast<uintptr_t>(op.x) % 16 != 0) args.vec_fill = 0;
+  kernel<<<static_cast<unsigned>(plan.blocks), Config::kThreadsPerBlock, plan.smem_bytes, stream>>>(
+      args, static_cast<const T*>(op.x), static_cast<const T*>(op.values), op.indices,
+      op.indptr, static_cast<const T*>(op.bias), static_cast<T*>(op.out));
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t LaunchTyped(cudaStream_t stream, const Plan& plan, const SparseConvOperands& op) {
+  if (plan.affine) {
+    switch (plan.pixels_per_thread) {
+      case 1: return LaunchConfig<TileConfig<T, 1, true>>(stream, plan, op);
+      case 2: return LaunchConfig<TileConfig<T, 2, true>>(stream, plan, op);
+      case 4: return LaunchConfig<TileConfig<T, 4, true>>(stream, plan, op);
+      case 8: return LaunchConfig<TileConfig<T, 8, true>>(stream, plan, op);
+    }
+  } else {
+    switch (plan.pixels_per_thread) {
+      case 1: return LaunchConfig<TileConfig<T, 1, false>>(stream, plan, op);
+      case 2: return LaunchConfig<TileConfig<T, 2, false>>(stream, plan, op);
+      default: break;  // the planner picks P <= 2 for mode B
+    }
+  }
+  return cudaErrorInvalidConfiguration;
+}
+
+int ElemBytes(ElementType type) { return type == ElementType::kF32 ? 4 : 2; }
+
+// 1x1, stride 1, no padding: the convolution is an SpMM over N*H*W pixels;
+// run it as one image of a single row so tiles take any number of pixels.
+ConvGeometry AsSpmm(const ConvGeometry& g) {
+  ConvGeometry s = g;
+  s.batch = 1;
+  s.in_h = s.out_h = 1;
+  s.in_w = s.out_w = g.batch * g.in_h * g.in_w;
+  s.stride_h = s.stride_w = 1;
+  s.dilation_h = s.dilation_w = 1;
+  return s;
+}
+
+cudaError_t PlanFor(const ConvGeometry& g, ElementType type, Plan* plan) {
+  if (cudaError_t e = CachedPlan(g, ElemBytes(type), plan); e != cudaSuccess) return e;
+  return cudaSuccess;
+}
+
+cudaError_t Dispatch(cudaStream_t stream, const Plan& plan, ElementType type,
+                     const SparseConvOperands& op) {
+  switch (type) {
+    case ElementType::kF32: return LaunchTyped<float>(stream, plan, op);
+    case ElementType::kBF16: return LaunchTyped<__nv_bfloat16>(stream, plan, op);
+    case ElementType::kF16: return LaunchTyped<__half>(stream, plan, op);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+}  // namespace tiled
+
+bool IsSpmm1x1(const ConvGeometry& g) {
+  return g.kernel_h == 1 && g.kernel_w == 1 && g.stride_h == 1 && g.stride_w == 1 &&
+         g.pad_h_lo == 0 && g.pad_h_hi == 0 && g.pad_w_lo == 0 && g.pad_w_hi == 0;
+}
+
+cudaError_t PlanSparseConvDirect(const ConvGeometry& g, ElementType type, bool* fits) {
+  tiled::Plan plan;
+  cudaError_t e = tiled::PlanFor(g, type, &plan);
+  *fits = e == cudaSuccess && plan.ok;
+  return e;
+}
+
+cudaError_t PlanSparseConvSpmm1x1(const ConvGeometry& g, ElementType type, bool* fits) {
+  *fits = false;
+  if (!IsSpmm1x1(g)) return cudaSuccess;
+  tiled::Plan plan;
+  cudaError_t e = tiled::PlanFor(tiled::AsSpmm(g), type, &plan);
+  *fits = e == cudaSuccess && plan.ok;
+  return e;
+}
+
+cudaError_t LaunchSparseConvDirect(cudaStream_t stream, const ConvGeometry& g, ElementType type,
+                                   const SparseConvOperands& op) {
+  tiled::Plan plan;
+  if (cudaError_t e = tiled::PlanFor(g, type, &plan); e != cudaSuccess) return e;
+  if (!plan.ok) return cudaErrorInvalidConfiguration;
+  return tiled::Dispatch(stream, plan, type, op);
+}
+
+cudaError_t LaunchSparseConvSpmm1x1(cudaStream_t stream, const ConvGeometry& g, ElementType type,
+                                    const SparseConvOperands& op) {
+  if (!IsSpmm1x1(g)) return cudaErrorInvalidValue;
+  tiled::Plan plan;
+  if (cudaError_t e = tiled::PlanFor(tiled::AsSpmm(g), type, &plan); e != cudaSuccess) return e;
+  if (!plan.ok) return cudaErrorInvalidConfiguration;
+  return tiled::Dispatch(stream, plan, type, op);
+}
+
+}  // namespace jaxsparse

@@ -1,0 +1,94 @@
+// Host-side planning for the shared-memory tiled sparse convolution kernels
+// (direct KxK and 1x1 SpMM). Plain C++: no CUDA, FFI or nanobind headers, so
+// the planner can be unit-tested on the host.
+//
+// One thread block owns one output tile (image n, TH output rows x TW output
+// columns) and one group of output channels. It copies the input window of the
+// tile (all Cin channels) from NHWC global memory into shared memory as
+// float32, channel-major with zero padding, then its warps take (output
+// channel, pixel chunk) tasks from a block-local queue. Per nonzero a warp
+// reads one pre-scaled offset + value pair (decoded once per 32 nonzeros by
+// the lanes, broadcast from shared memory) and each lane does P FMAs over P
+// pixels. Results go through a shared-memory staging tile so the NHWC output
+// is written coalesced, with bias/ReLU/conversion fused.
+#pragma once
+
+#include <cstdint>
+
+#include "conv_geometry.h"
+
+namespace jaxsparse {
+namespace tiled {
+
+// Fixed launch shape of the tiled kernels.
+constexpr int kWarps = 16;
+constexpr int kThreads = kWarps * 32;
+constexpr int kMetaBytes = kWarps * 32 * 8;  // per-warp staging of 32 (offset, value) pairs
+
+// Unsigned division by a run-time constant d >= 1 for numerators < 2^31
+// (round-up multiply method: q = (umulhi(m, n) + n) >> s).
+struct FastDiv {
+  uint32_t mul = 0, shift = 0, div = 1;
+  static FastDiv Make(uint32_t d) {
+    FastDiv f;
+    f.div = d;
+    uint32_t s = 0;
+    while ((uint64_t{1} << s) < d) ++s;
+    f.shift = s;
+    f.mul = d == 1 ? 0u
+                   : static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << s) - d)) / d + 1);
+    return f;
+  }
+  JAXSPARSE_HOST_DEVICE uint32_t Div(uint32_t n) const {
+#if defined(__CUDA_ARCH__)
+    const uint32_t t = __umulhi(mul, n);
+#else
+    const uint32_t t = static_cast<uint32_t>((uint64_t{mul} * n) >> 32);
+#endif
+    return (t + n) >> shift;
+  }
+};
+
+// Everything a tiled kernel needs, as 32-bit integers (checked to fit).
+struct TileArgs {
+  int n_images, in_h, in_w, in_c, out_h, out_w, out_c;
+  int kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  int taps, nnz;
+  int relu, has_bias;
+  // Plan.
+  int tile_h, tile_w;        // output tile
+  int tile_rows, tile_cols;  // input window (rows, row pitch in shared memory)
+  int chan_stride;           // shared-memory floats between channels
+  int tiles_h, tiles_w;      // tiles per image
+  int groups, rows_per_group;
+  int chunks;                // pixel chunks per (row) task, 32 * P pixels each
+  int tile_floats;           // shared floats of the input window incl. slack
+  int out_pitch;             // staging floats per pixel (>= rows_per_group)
+  int out_floats;            // staging floats
+  int vec_fill;              // 1: Cin is a multiple of the 16-byte vector width
+  FastDiv div_cin, div_kw;
+};
+
+struct Plan {
+  bool ok = false;
+  bool affine = false;   // stride-1 pixel addressing (virtual pixels incl. junk columns)
+  int pixels_per_thread = 1;  // P
+  int smem_bytes = 0;
+  int64_t blocks = 0;
+  double cost = 0;
+  TileArgs args{};
+};
+
+struct DeviceLimits {
+  int sm_count = 132;
+  int max_smem_block = 227 * 1024;  // opt-in limit per block
+  int max_smem_sm = 228 * 1024;
+};
+
+// Best plan for geometry `g` (already reshaped by the caller for 1x1 SpMM);
+// `elem_bytes` is the element size of x. Returns ok = false when even the
+// smallest tile does not fit in shared memory.
+Plan ChooseTilePlan(const ConvGeometry& g, int elem_bytes, const DeviceLimits& limits);
+
+}  // namespace tiled
+}  // namespace jaxsparse

@@ -1,0 +1,282 @@
+"""sparse_conv on the GPU (CUDA custom call) against an independent float64 reference.
+
+Every test is marked ``gpu``: conftest skips them without a GPU and fails them
+under ``JAXSPARSE_REQUIRE_CUDA=1``. Each kernel family the dispatcher can pick
+is exercised; the internal knob ``JAXSPARSE_GPU_KERNEL`` (naive | direct |
+spmm | auto; not public API) forces a family where it applies. It is read when
+the custom call runs, so executables are dropped (``jax.clear_caches``) when
+it changes.
+"""
+
+import contextlib
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxsparse
+from jaxsparse import sparse_conv
+from helpers import DTYPES, check_close, filter_with_empty_rows, random_input, ref_conv
+
+pytestmark = pytest.mark.gpu
+
+FAMILIES = ("auto", "direct", "naive")
+
+
+@contextlib.contextmanager
+def kernel_family(family):
+    old = os.environ.get("JAXSPARSE_GPU_KERNEL")
+    if family == "auto":
+        os.environ.pop("JAXSPARSE_GPU_KERNEL", None)
+    else:
+        os.environ["JAXSPARSE_GPU_KERNEL"] = family
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("JAXSPARSE_GPU_KERNEL", None)
+        else:
+            os.environ["JAXSPARSE_GPU_KERNEL"] = old
+        jax.clear_caches()
+
+
+def poison_allocator(shape, dtype, copies=3):
+    """Leaves freed NaN-filled buffers of the output's size for XLA's allocator to reuse,
+    so output elements a kernel fails to write show up as non-finite."""
+    bufs = [jnp.full(shape, jnp.nan, dtype) for _ in range(copies)]
+    jax.block_until_ready(bufs)
+    del bufs
+
+
+def gpu_conv(x, f, **kw):
+    """sparse_conv under jit on the GPU, with the filter as a traced argument."""
+    bias = kw.pop("bias", None)
+    fn = jax.jit(lambda x, f, b: sparse_conv(x, f, bias=b, **kw))
+    return fn(x, f, bias)
+
+
+def out_shape(x_shape, f, strides, padding, dilation):
+    nd = f.ndim
+    spatial = x_shape[1:-1]
+    from jaxsparse.geometry import normalize_ints, normalize_padding, output_size
+    st_ = normalize_ints(strides, nd, "strides")
+    dl = normalize_ints(dilation, nd, "dilation")
+    pads = normalize_padding(padding, spatial, f.kernel_size, st_, dl)
+    return (x_shape[0],) + tuple(output_size(s, k, a, p, d) for s, k, a, p, d in
+                                 zip(spatial, f.kernel_size, st_, pads, dl)) + (f.out_channels,)
+
+
+def run_and_check(x, f, dtype, *, bias=None, relu=False, strides=1, padding="SAME", rhs_dilation=1):
+    shape = out_shape(x.shape, f, strides, padding, rhs_dilation)
+    poison_allocator(shape, dtype)
+    out = gpu_conv(x, f, bias=bias, activation="relu" if relu else None, strides=strides,
+                   padding=padding, rhs_dilation=rhs_dilation)
+    out = jax.block_until_ready(out)
+    assert list(out.devices())[0].platform == "gpu"
+    kernel = np.asarray(f.todense(), np.float32).astype(dtype)
+    return check_close(out, x, kernel, bias=bias, relu=relu, strides=strides, padding=padding,
+                       rhs_dilation=rhs_dilation)
+
+
+def gpu_put(a):
+    return jax.device_put(a, jax.devices("gpu")[0])
+
+
+# ---- lowering ---------------------------------------------------------------
+
+def test_lowers_to_cuda_custom_call():
+    rng = np.random.default_rng(0)
+    f = jaxsparse.random_filter(0, (3, 3), 8, 8, 0.9)
+    x = gpu_put(random_input(rng, (1, 10, 10, 8)))
+    fn = jax.jit(lambda x, f: sparse_conv(x, f))
+    lowered = fn.lower(x, f)
+    text = lowered.as_text()
+    assert "jaxsparse_sparse_conv" in text and "custom_call" in text
+    hlo = lowered.compile().as_text()
+    assert 'custom_call_target="jaxsparse_sparse_conv"' in hlo
+    # No dense convolution anywhere: the densify fallback is not what runs.
+    assert "convolution(" not in hlo and "cudnn" not in hlo.lower()
+
+
+def test_lowers_to_custom_call_for_every_dtype_and_1d():
+    rng = np.random.default_rng(1)
+    for dtype in DTYPES.values():
+        f = jaxsparse.random_filter(1, (3,), 6, 5, 0.5, dtype=dtype)
+        x = gpu_put(random_input(rng, (2, 12, 6), dtype))
+        hlo = jax.jit(lambda x, f: sparse_conv(x, f, padding="VALID")).lower(x, f).compile().as_text()
+        assert 'custom_call_target="jaxsparse_sparse_conv"' in hlo, dtype
+
+
+# ---- hypothesis cases, every family ------------------------------------------
+
+@st.composite
+def gpu_cases(draw):
+    nd = draw(st.sampled_from([1, 2]))
+    kernel_size = tuple(draw(st.integers(1, 4)) for _ in range(nd))
+    dilation = tuple(draw(st.sampled_from([1, 1, 2, 3])) for _ in range(nd))
+    strides = tuple(draw(st.sampled_from([1, 1, 2, 3])) for _ in range(nd))
+    kind = draw(st.sampled_from(["SAME", "VALID", "explicit"]))
+    padding = (tuple((draw(st.integers(0, 3)), draw(st.integers(0, 3))) for _ in range(nd))
+               if kind == "explicit" else kind)
+    spatial = []
+    for i in range(nd):
+        dk = (kernel_size[i] - 1) * dilation[i] + 1
+        lowest = dk if kind == "VALID" else max(1, dk - sum(padding[i])) if kind == "explicit" else 1
+        spatial.append(lowest + draw(st.integers(0, 20)))
+    return dict(
+        kernel_size=kernel_size, dilation=dilation, strides=strides, padding=padding,
+        spatial=tuple(spatial), batch=draw(st.sampled_from([1, 1, 2, 3])),
+        cin=draw(st.sampled_from([1, 3, 4, 7, 8, 16, 24, 33])),
+        cout=draw(st.sampled_from([1, 2, 5, 17, 32, 40])),
+        sparsity=draw(st.sampled_from([0.0, 0.5, 0.9, 1.0])),
+        empty_rows=draw(st.booleans()), bias=draw(st.booleans()), relu=draw(st.booleans()),
+        dtype=draw(st.sampled_from(list(DTYPES))), seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def run_case(c):
+    rng = np.random.default_rng(c["seed"])
+    dtype = DTYPES[c["dtype"]]
+    empty = [r for r in range(c["cout"]) if c["empty_rows"] and r % 3 == 1]
+    f = filter_with_empty_rows(rng, c["kernel_size"], c["cin"], c["cout"], c["sparsity"], dtype, empty)
+    x = gpu_put(random_input(rng, (c["batch"],) + c["spatial"] + (c["cin"],), dtype))
+    bias = jnp.asarray(rng.standard_normal(c["cout"]).astype(dtype)) if c["bias"] else None
+    run_and_check(x, f, dtype, bias=bias, relu=c["relu"], strides=c["strides"],
+                  padding=c["padding"], rhs_dilation=c["dilation"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@settings(max_examples=int(os.environ.get("JAXSPARSE_GPU_EXAMPLES", "40")))
+@given(case=gpu_cases())
+def test_matches_reference_property(family, case):
+    with kernel_family(family):
+        run_case(case)
+
+
+# ---- 1x1 SpMM family -----------------------------------------------------------
+
+@pytest.mark.parametrize("family", ("auto", "direct", "naive"))
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("batch,hw,cin,cout,stride", [
+    (1, 14, 64, 256, 1), (2, 7, 512, 128, 1), (1, 13, 33, 17, 1), (1, 14, 256, 512, 2),
+    (3, 9, 40, 24, 2)])
+def test_1x1(family, dtype, batch, hw, cin, cout, stride):
+    rng = np.random.default_rng(batch * 1000 + hw)
+    dt = DTYPES[dtype]
+    f = jaxsparse.random_filter(hw, (1, 1), cin, cout, 0.9, dtype=dt)
+    x = gpu_put(random_input(rng, (batch, hw, hw, cin), dt))
+    bias = jnp.asarray(rng.standard_normal(cout).astype(dt))
+    with kernel_family(family):
+        run_and_check(x, f, dt, bias=bias, relu=True, strides=stride, padding="VALID")
+
+
+# ---- layer shapes of the benchmark ---------------------------------------------
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("name,batch,hw,cin,cout,sparsity", [
+    ("conv1_2/2", 1, 112, 64, 64, 0.9),
+    ("conv3_2", 1, 56, 256, 256, 0.9),
+    ("conv4_1", 1, 28, 256, 512, 0.95),
+    ("conv5_1", 2, 14, 512, 512, 0.9),
+    ("conv5_1-98", 1, 14, 512, 512, 0.98),
+])
+def test_vgg_layers(dtype, name, batch, hw, cin, cout, sparsity):
+    rng = np.random.default_rng(hash(name) % 2**31)
+    dt = DTYPES[dtype]
+    f = jaxsparse.random_filter(7, (3, 3), cin, cout, sparsity, dtype=dt)
+    x = gpu_put(random_input(rng, (batch, hw, hw, cin), dt))
+    run_and_check(x, f, dt, padding="SAME")
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("batch", [1, 50])
+@pytest.mark.parametrize("width", [3, 4, 5])
+def test_sentence_cnn(dtype, batch, width):
+    rng = np.random.default_rng(width + batch)
+    dt = DTYPES[dtype]
+    f = jaxsparse.random_filter(width, (width,), 300, 100, 0.9, dtype=dt)
+    x = gpu_put(random_input(rng, (batch, 56, 300), dt))
+    bias = jnp.asarray(rng.standard_normal(100).astype(dt))
+    run_and_check(x, f, dt, bias=bias, relu=True, padding="VALID")
+
+
+# ---- DLMC patterns ----------------------------------------------------------------
+
+DLMC_CASES = [  # layer, input hw, stride
+    ("bottleneck_1_block_group1_1_1", 56, 1),
+    ("bottleneck_3_block_group2_1_1", 28, 1),
+    ("bottleneck_1_block_group3_1_1", 14, 1),
+    ("bottleneck_3_block_group4_1_1", 7, 1),
+    ("bottleneck_projection_block_group_projection_block_group3", 28, 2),
+    ("bottleneck_2_block_group2_1_1", 28, 1),
+]
+
+
+@pytest.mark.parametrize("sparsity", [0.8, 0.9, 0.95, 0.98])
+@pytest.mark.parametrize("layer,hw,stride", DLMC_CASES)
+def test_dlmc_patterns(dlmc_root, layer, hw, stride, sparsity):
+    path = jaxsparse.dlmc.dlmc_path(layer, sparsity, dlmc_root)
+    if not path.is_file():
+        pytest.skip(f"{path} missing")
+    for dtype in (np.float32, jnp.bfloat16):
+        f = jaxsparse.load_dlmc(path, dtype=dtype, seed=3)
+        rng = np.random.default_rng(5)
+        x = gpu_put(random_input(rng, (1, hw, hw, f.in_channels), np.dtype(dtype)))
+        run_and_check(x, f, np.dtype(dtype), strides=stride,
+                      padding="SAME" if f.kernel_size != (1, 1) else "VALID")
+
+
+# ---- malformed structure never reads out of bounds -------------------------------
+
+def semantic_reference(x, data, indices, indptr, kernel_size, cin, cout):
+    """Dense kernel under the kernels' documented rule: out-of-range columns and
+    the entries of rows whose pointers are disordered are skipped."""
+    taps = int(np.prod(kernel_size)) * cin
+    rows = np.zeros((cout, taps))
+    nnz = len(indices)
+    for r in range(cout):
+        b, e = max(int(indptr[r]), 0), min(int(indptr[r + 1]), nnz)
+        for j in range(b, e):
+            if 0 <= indices[j] < taps:
+                rows[r, indices[j]] += data[j]
+    return rows.T.reshape(tuple(kernel_size) + (cin, cout))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("ksize", [(1, 1), (3, 3)])
+def test_bad_indices_are_skipped(family, ksize):
+    rng = np.random.default_rng(11)
+    cin, cout = 8, 6
+    f = jaxsparse.random_filter(3, ksize, cin, cout, 0.5)
+    indices = np.array(f.indices)
+    indices[::5] = 10**6
+    indices[1::7] = -3
+    indptr = np.array(f.indptr)
+    indptr[2], indptr[3] = indptr[3], indptr[2]  # a disordered row pointer
+    bad = jaxsparse.SparseFilter(f.data, jnp.asarray(indices), jnp.asarray(indptr),
+                                 kernel_size=ksize, in_channels=cin, out_channels=cout,
+                                 validate=False)
+    x = gpu_put(random_input(rng, (2, 9, 9, cin)))
+    with kernel_family(family):
+        out = np.asarray(jax.jit(lambda x, f: sparse_conv(x, f))(x, bad))
+    kernel = semantic_reference(np.asarray(x), np.asarray(f.data, np.float64), indices, indptr,
+                                ksize, cin, cout)
+    ref = ref_conv(np.asarray(x), kernel, padding="SAME")
+    scale = ref_conv(np.asarray(x), kernel, padding="SAME", absolute=True)
+    assert np.all(np.abs(out - ref) <= 1e-5 * scale + 1e-30)
+
+
+# ---- repeated calls agree (no races) ----------------------------------------------
+
+def test_repeatable():
+    rng = np.random.default_rng(2)
+    f = jaxsparse.random_filter(2, (3, 3), 256, 256, 0.9)
+    x = gpu_put(random_input(rng, (1, 28, 28, 256)))
+    fn = jax.jit(lambda x, f: sparse_conv(x, f))
+    first = np.asarray(fn(x, f))
+    for _ in range(5):
+        np.testing.assert_array_equal(np.asarray(fn(x, f)), first)

@@ -1,6 +1,8 @@
 """The pruning-with-retraining experiment (experiments/train_kim.py) on a tiny configuration."""
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,16 +34,14 @@ def test_loaders(sentence_root):
 
 
 def test_train_kim_tiny_run(sentence_root, tmp_path):
-    import train_kim
-    from absl import flags
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["train_kim", "--datasets=mr", "--sparsity=0.9", "--embed_dim=16", "--feature_maps=8",
-                 "--epochs=1", "--prune_epochs=1", "--finetune_epochs=1", "--train_limit=300",
-                 "--timing_steps=2", f"--out={tmp_path}"])
-    try:
-        train_kim.main([])
-    finally:
-        flags.FLAGS.unparse_flags()
+    # A subprocess: the experiment scripts define absl flags at import, and several
+    # scripts in one test process would define the same flag names.
+    cmd = [sys.executable, str(EXPERIMENTS / "train_kim.py"), "--datasets=mr", "--sparsity=0.9",
+           "--embed_dim=16", "--feature_maps=8", "--epochs=1", "--prune_epochs=1",
+           "--finetune_epochs=1", "--train_limit=300", "--timing_steps=2", f"--out={tmp_path}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, JAXSPARSE_SENTENCES_ROOT=str(sentence_root)))
+    assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((tmp_path / "kim_accuracy.json").read_text())
     assert (tmp_path / "kim_accuracy.png").stat().st_size > 0
     rows = record["results"][0]["rows"]

@@ -29,13 +29,17 @@ std::string CheckCsrStructure(const ConvGeometry& g, const int32_t* indices,
 // Direct sparse convolution, Escoin-style: with the input padded and
 // channel-major, every nonzero is one offset, and one output row (n, oh, all
 // ow) of one channel is an axpy over a contiguous (stride 1) input row.
-// Work is split over (n, oh) rows.
 void SparseConvCpu(const ConvGeometry& g, ElementType type, const void* x,
                    const void* values, const int32_t* indices,
                    const int32_t* indptr, const void* bias, void* out,
                    int num_threads) {
+  // Work items: (n, oh) output rows, each split into channel blocks when there
+  // are fewer rows than threads (batch 1, 1-D maps), so every core gets work.
   const int64_t rows_total = g.batch * g.out_h;
-  const int threads = cpu::ThreadCount(num_threads, rows_total);
+  const int threads = cpu::ThreadCount(num_threads, rows_total * g.out_c);
+  const int64_t channel_blocks =
+      std::min<int64_t>(g.out_c, std::max<int64_t>(1, (2 * threads + rows_total - 1) / rows_total));
+  const int64_t block_size = (g.out_c + channel_blocks - 1) / channel_blocks;
   const PaddedInput padded(g, type, x, threads);
 
   std::vector<float> value_f(static_cast<size_t>(g.nnz));
@@ -47,13 +51,16 @@ void SparseConvCpu(const ConvGeometry& g, ElementType type, const void* x,
   std::vector<float> bias_f(static_cast<size_t>(g.out_c), 0.0f);
   if (bias != nullptr) bias_f = cpu::ToFloat(type, bias, g.out_c);
 
-  ParallelFor(threads, rows_total, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(static_cast<size_t>(g.out_c * g.out_w));
-    for (int64_t row = begin; row < end; ++row) {
+  ParallelFor(threads, rows_total * channel_blocks, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(static_cast<size_t>(block_size * g.out_w));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t row = item / channel_blocks;
+      const int64_t r_begin = (item % channel_blocks) * block_size;
+      const int64_t r_end = std::min(g.out_c, r_begin + block_size);
       const int64_t n = row / g.out_h, oh = row % g.out_h;
       const float* base = padded.data.data() + n * padded.image + oh * g.stride_h * padded.wp;
-      for (int64_t r = 0; r < g.out_c; ++r) {
-        float* a = acc.data() + r * g.out_w;
+      for (int64_t r = r_begin; r < r_end; ++r) {
+        float* a = acc.data() + (r - r_begin) * g.out_w;
         std::fill(a, a + g.out_w, bias_f[r]);
         for (int64_t j = indptr[r]; j < indptr[r + 1]; ++j) {
           const float v = value_f[j];
@@ -67,8 +74,8 @@ void SparseConvCpu(const ConvGeometry& g, ElementType type, const void* x,
       }
       const int64_t out_base = row * g.out_w * g.out_c;
       for (int64_t ow = 0; ow < g.out_w; ++ow)
-        for (int64_t r = 0; r < g.out_c; ++r) {
-          const float v = acc[r * g.out_w + ow];
+        for (int64_t r = r_begin; r < r_end; ++r) {
+          const float v = acc[(r - r_begin) * g.out_w + ow];
           StoreElement(type, out, out_base + ow * g.out_c + r, g.relu ? std::max(v, 0.0f) : v);
         }
     }

@@ -3,7 +3,9 @@
 Every test is marked ``gpu``: conftest skips them without a GPU and fails them
 under ``JAXSPARSE_REQUIRE_CUDA=1``. Each kernel family the dispatcher can pick
 is exercised; the internal knob ``JAXSPARSE_GPU_KERNEL`` (naive | direct |
-spmm | auto; not public API) forces a family where it applies. It is read when
+spmm | rowbucket | auto; not public API) forces a family where it applies
+(rowbucket is opt-in only and falls back to the default choice for geometries
+it does not accept). It is read when
 the custom call runs, so executables are dropped (``jax.clear_caches``) when
 it changes.
 """
@@ -24,7 +26,7 @@ from helpers import DTYPES, check_close, filter_with_empty_rows, random_input, r
 
 pytestmark = pytest.mark.gpu
 
-FAMILIES = ("auto", "direct", "naive")
+FAMILIES = ("auto", "direct", "naive", "rowbucket")
 
 
 @contextlib.contextmanager
@@ -159,7 +161,7 @@ def test_matches_reference_property(family, case):
 
 # ---- 1x1 SpMM family -----------------------------------------------------------
 
-@pytest.mark.parametrize("family", ("auto", "direct", "naive"))
+@pytest.mark.parametrize("family", ("auto", "direct", "naive", "rowbucket"))
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("batch,hw,cin,cout,stride", [
     (1, 14, 64, 256, 1), (2, 7, 512, 128, 1), (1, 13, 33, 17, 1), (1, 14, 256, 512, 2),
@@ -280,3 +282,24 @@ def test_repeatable():
     first = np.asarray(fn(x, f))
     for _ in range(5):
         np.testing.assert_array_equal(np.asarray(fn(x, f)), first)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("name,batch,hw,cin,cout,sparsity,ksize", [
+    ("conv3_2", 1, 56, 256, 256, 0.9, (3, 3)),
+    ("conv5_1", 2, 14, 512, 512, 0.9, (3, 3)),
+    ("conv1_2-cin64", 1, 28, 64, 40, 0.5, (3, 3)),
+    ("3x5", 2, 20, 48, 33, 0.9, (3, 5)),
+])
+def test_rowbucket_layers(dtype, name, batch, hw, cin, cout, sparsity, ksize):
+    """Opt-in row-bucketed family on benchmark-like shapes (many buckets, slices, groups)."""
+    rng = np.random.default_rng(sum(map(ord, name)))
+    dt = DTYPES[dtype]
+    f = jaxsparse.random_filter(9, ksize, cin, cout, sparsity, dtype=dt)
+    x = gpu_put(random_input(rng, (batch, hw, hw, cin), dt))
+    bias = jnp.asarray(rng.standard_normal(cout).astype(dt))
+    with kernel_family("rowbucket"):
+        run_and_check(x, f, dt, bias=bias, relu=True, padding="SAME")
+        fn = jax.jit(lambda x, f: sparse_conv(x, f))
+        first = np.asarray(fn(x, f))
+        np.testing.assert_array_equal(np.asarray(fn(x, f)), first)  # deterministic sums

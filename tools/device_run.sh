@@ -75,13 +75,15 @@ cases = [  # name, family, batch, h, w, cin, cout, kernel, stride, padding, dtyp
     ("spmm1x1_bf16", "spmm", 2, 7, 7, 512, 128, (1, 1), 1, "VALID", jnp.bfloat16),
     ("proj1x1_s2_f32", "direct", 1, 14, 14, 128, 256, (1, 1), 2, "VALID", np.float32),
     ("naive3x3_f32", "naive", 1, 8, 8, 16, 16, (3, 3), 1, "SAME", np.float32),
+    ("rowbucket3x3_f32", "rowbucket", 1, 14, 14, 64, 64, (3, 3), 1, "SAME", np.float32),
+    ("rowbucket3x5_bf16", "rowbucket", 2, 9, 11, 24, 40, (3, 5), 2, "SAME", jnp.bfloat16),
 ]
 only = sys.argv[1:] or None
 for name, fam, n, h, w, cin, cout, k, s, pad, dt in cases:
     if only and name not in only:
         continue
-    if fam == "naive":
-        os.environ["JAXSPARSE_GPU_KERNEL"] = "naive"
+    if fam in ("naive", "rowbucket"):
+        os.environ["JAXSPARSE_GPU_KERNEL"] = fam
     else:
         os.environ.pop("JAXSPARSE_GPU_KERNEL", None)
     jax.clear_caches()
@@ -91,13 +93,19 @@ for name, fam, n, h, w, cin, cout, k, s, pad, dt in cases:
     print(name, out.shape, float(jnp.abs(out.astype(jnp.float32)).mean()), flush=True)
 EOF
   export XLA_PYTHON_CLIENT_ALLOCATOR=platform
-  for tool in memcheck racecheck; do
-    start=$(date +%s)
-    (cd /tmp && timeout ${SANITIZE_TIMEOUT:-240} compute-sanitizer --tool $tool --error-exitcode 99 \
-       --kernel-name kns=SparseConv \
-       python3 /tmp/sanitize_layers.py) > "$OUT/sanitize_$tool.log" 2>&1
-    rc=$?
-    note "sanitize $tool rc=$rc ($(( $(date +%s) - start )) s): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -2 | tr '\n' ' ')"
+  # kns matches a substring of the kernel name: the tiled and naive kernels contain
+  # "SparseConv", the opt-in row-bucketed ones "RowBucket" (checked in their own pass).
+  DEFAULT_CASES="direct3x3_f32 direct3x3_bf16 direct_s2_f16 kim_w5_f32 spmm1x1_f32 spmm1x1_bf16 proj1x1_s2_f32 naive3x3_f32"
+  for pass in "SparseConv:$DEFAULT_CASES" "RowBucket:rowbucket3x3_f32 rowbucket3x5_bf16"; do
+    kernels=${pass%%:*}; cases=${pass#*:}
+    for tool in memcheck racecheck; do
+      start=$(date +%s)
+      log="$OUT/sanitize_${tool}_${kernels}.log"
+      (cd /tmp && timeout ${SANITIZE_TIMEOUT:-240} compute-sanitizer --tool $tool --error-exitcode 99 \
+         --kernel-name kns=$kernels python3 /tmp/sanitize_layers.py $cases) > "$log" 2>&1
+      rc=$?
+      note "sanitize $tool $kernels rc=$rc ($(( $(date +%s) - start )) s): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -2 | tr '\n' ' ')"
+    done
   done
   unset XLA_PYTHON_CLIENT_ALLOCATOR
 fi

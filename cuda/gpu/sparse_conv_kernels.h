@@ -22,6 +22,17 @@ cudaError_t LaunchSparseConvDirect(cudaStream_t stream, const ConvGeometry& g, E
 cudaError_t LaunchSparseConvSpmm1x1(cudaStream_t stream, const ConvGeometry& g, ElementType type,
                                     const SparseConvOperands& operands);
 
+// Opt-in only (JAXSPARSE_GPU_KERNEL=rowbucket): nonzeros of 16 output channels
+// re-bucketed by (ci, kh) into the workspace by a prep kernel, then each input
+// window loaded once into registers and applied to every tap of its bucket
+// (sparse_conv_rowbucket.cu). Accepts stride_w == 1, dilation_w == 1, KW <= 5.
+// `fits` false: not handled, use another family. `workspace_bytes` may be null.
+cudaError_t PlanSparseConvRowBucket(const ConvGeometry& g, ElementType type, bool* fits,
+                                    size_t* workspace_bytes);
+cudaError_t LaunchSparseConvRowBucket(cudaStream_t stream, const ConvGeometry& g, ElementType type,
+                                      const SparseConvOperands& operands, void* workspace,
+                                      size_t workspace_bytes);
+
 // Whether the tiled kernels have a plan that fits this device's shared memory.
 bool IsSpmm1x1(const ConvGeometry& g);
 cudaError_t PlanSparseConvDirect(const ConvGeometry& g, ElementType type, bool* fits);

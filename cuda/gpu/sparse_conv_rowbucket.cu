@@ -182,33 +182,6 @@ RowBucketPrepKernel(Args a, const T* __restrict__ values, const int32_t* __restr
 
 // ---- main kernel --------------------------------------------------------------
 
-template <typename T>
-__device__ __forceinline__ void LoadVec16(const T* p, float* out);
-template <>
-__device__ __forceinline__ void LoadVec16<float>(const float* p, float* out) {
-  const float4 v = __ldg(reinterpret_cast<const float4*>(p));
-  out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
-}
-template <>
-__device__ __forceinline__ void LoadVec16<__half>(const __half* p, float* out) {
-  const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
-    out[2 * i] = f.x; out[2 * i + 1] = f.y;
-  }
-}
-template <>
-__device__ __forceinline__ void LoadVec16<__nv_bfloat16>(const __nv_bfloat16* p, float* out) {
-  const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    out[2 * i] = __uint_as_float(w[i] << 16);
-    out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-  }
-}
 
 // acc[R][P] += w * window: pixels 0-3 from winA, 4-7 from winB, tap kw.
 template <int kR, int kKW>

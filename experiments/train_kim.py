@@ -23,7 +23,6 @@ pretrained word2vec.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,6 @@ from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax

@@ -147,13 +147,15 @@ def _batch_rule(args, dims, **params):
 
     data, indices, indptr = grouped(data, data_dim), grouped(indices, indices_dim), grouped(indptr, indptr_dim)
     nnz, cout = data.shape[1], indptr.shape[1] - 1
-    cin = (x.shape[-1] if x_dim is not_mapped else jnp.moveaxis(x, x_dim, 0).shape[-1])
+    if x_dim is not not_mapped:
+        x = jnp.moveaxis(x, x_dim, 0)  # (G, N, H, W, Cin)
+    cin = x.shape[-1]
     groups = jnp.arange(size, dtype=jnp.int32)[:, None]
 
     if x_dim is not_mapped:
         columns = indices
     else:
-        x = jnp.moveaxis(jnp.moveaxis(x, x_dim, 0), 0, -2)  # (N, H, W, G, Cin)
+        x = jnp.moveaxis(x, 0, -2)  # (N, H, W, G, Cin)
         x = x.reshape(x.shape[:-2] + (size * cin,))
         tap, channel = indices // cin, indices % cin
         columns = tap * (size * cin) + groups * cin + channel

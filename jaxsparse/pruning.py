@@ -14,9 +14,8 @@ ranks all prunable weights together, so layers end at different sparsities.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable
+from typing import Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

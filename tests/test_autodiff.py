@@ -4,8 +4,6 @@ Compared against a float64 reference: the same function written with the dense
 kernel and `lax.conv_general_dilated` under x64, differentiated by JAX.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,6 +1,5 @@
 """Pruning schedules and masked fine-tuning on NNX models."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax

@@ -88,6 +88,18 @@ struct Plan {
 
 // ---- prep kernel: bucket the nonzeros of each row group by (ci, kh) ---------
 
+// Column c = (kh * KW + kw) * Cin + ci -> bucket key ci * KH + kh and tap kw.
+// False for a column outside [0, taps), which is skipped.
+__device__ __forceinline__ bool DecodeColumn(const Args& a, int c, int* key, int* kw) {
+  if (c < 0 || c >= a.taps) return false;
+  const int k = static_cast<int>(a.div_cin.Div(static_cast<uint32_t>(c)));
+  const int ci = c - k * a.in_c;
+  const int kh = static_cast<int>(a.div_kw.Div(static_cast<uint32_t>(k)));
+  *kw = k - kh * a.kernel_w;
+  *key = ci * a.kernel_h + kh;
+  return true;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kPrepThreads)
 RowBucketPrepKernel(Args a, const T* __restrict__ values, const int32_t* __restrict__ indices,
@@ -119,12 +131,9 @@ RowBucketPrepKernel(Args a, const T* __restrict__ values, const int32_t* __restr
   for (int r = warp; r < nr; r += kPrepThreads / 32) {
     const int b = __ldg(indptr + r_lo + r), e = __ldg(indptr + r_lo + r + 1);
     for (int j = b + lane; j < e; j += 32) {
-      const int c = __ldg(indices + j);
-      if (c < 0 || c >= a.taps) continue;
-      const int k = static_cast<int>(a.div_cin.Div(static_cast<uint32_t>(c)));
-      const int ci = c - k * a.in_c;
-      const int kh = static_cast<int>(a.div_kw.Div(static_cast<uint32_t>(k)));
-      atomicAdd(&hist[ci * a.kernel_h + kh], 1);
+      int key, kw;
+      if (!DecodeColumn(a, __ldg(indices + j), &key, &kw)) continue;
+      atomicAdd(&hist[key], 1);
     }
   }
   __syncthreads();
@@ -154,13 +163,8 @@ RowBucketPrepKernel(Args a, const T* __restrict__ values, const int32_t* __restr
   for (int r = warp; r < nr; r += kPrepThreads / 32) {
     const int b = __ldg(indptr + r_lo + r), e = __ldg(indptr + r_lo + r + 1);
     for (int j = b + lane; j < e; j += 32) {
-      const int c = __ldg(indices + j);
-      if (c < 0 || c >= a.taps) continue;
-      const int k = static_cast<int>(a.div_cin.Div(static_cast<uint32_t>(c)));
-      const int ci = c - k * a.in_c;
-      const int kh = static_cast<int>(a.div_kw.Div(static_cast<uint32_t>(k)));
-      const int kw = k - kh * a.kernel_w;
-      const int key = ci * a.kernel_h + kh;
+      int key, kw;
+      if (!DecodeColumn(a, __ldg(indices + j), &key, &kw)) continue;
       const int pos = atomicAdd(&hist[key], 1);
       entries[pos] = make_int2((key << 8) | (r << 3) | kw, __float_as_int(LoadAsFloat(values + j)));
     }

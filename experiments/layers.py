@@ -390,6 +390,8 @@ def define_common_flags():
     define("integer", "seed", 0, "Seed of the random weights and inputs.")
     define("bool", "progress", True, "Show a progress bar.")
     define("list", "cnn_batch", ["50"], "Extra batch sizes for the sentence CNN (the paper's 50); empty for none.")
+    define("float", "budget_s", 0.0, "Start no new layer (sweep) or network/batch (network run) after this "
+           "many seconds; what was skipped is listed under 'skipped' in the JSON (0 = no budget).")
     define("enum", "kernel_time", "all", "GPU kernel time (profiler trace): for all layers/networks, "
            "only unchainable layers, or none.", enum_values=["all", "unchainable", "none"])
 

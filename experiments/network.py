@@ -210,6 +210,7 @@ class NetworkConfig:
     seed: int = 0
     kernel_time: str = "all"
     progress: bool = True
+    budget_s: float = 0.0
 
     def resolved(self) -> "NetworkConfig":
         c = dataclasses.replace(self)
@@ -227,7 +228,7 @@ def config_from_flags() -> NetworkConfig:
         models=list(FLAGS.model), sparsities=[float(s) for s in FLAGS.sparsity], modes=list(FLAGS.dtype),
         batches=[int(b) for b in FLAGS.batch], cnn_batches=[int(b) for b in FLAGS.cnn_batch if b],
         pattern=FLAGS.pattern, han=FLAGS.han, reps=FLAGS.reps, out=FLAGS.out, scale=FLAGS.scale,
-        seed=FLAGS.seed, kernel_time=FLAGS.kernel_time, progress=FLAGS.progress)
+        seed=FLAGS.seed, kernel_time=FLAGS.kernel_time, progress=FLAGS.progress, budget_s=FLAGS.budget_s)
 
 
 def _labels(net: Net, cfg: NetworkConfig) -> list:
@@ -253,7 +254,7 @@ def run_network(cfg: NetworkConfig) -> dict:
     nets = [NETS[m](cfg.scale) for m in cfg.models]
     total = sum(len(_batches(n, cfg)) * len(cfg.modes) * (1 + len(_labels(n, cfg))) for n in nets)
     bar = tqdm(total=total, disable=not cfg.progress, desc="network", unit="run", dynamic_ncols=True)
-    rows, profiles = [], {}
+    rows, profiles, skipped = [], {}, []
     for net in nets:
         labels = _labels(net, cfg)
         extra = net.extra_params(cfg.seed) if net.extra_params else {}
@@ -264,6 +265,9 @@ def run_network(cfg: NetworkConfig) -> dict:
                                     for (l, _), (f, _), u in zip(net.convs, sp[lab][0], sp[lab][1])]
                               for lab in labels}
         for batch in _batches(net, cfg):
+            if cfg.budget_s and time.time() - start > cfg.budget_s:
+                skipped.append(f"{net.name} b{batch}")
+                continue
             x32 = B.random_input((batch,) + tuple(net.input_hw_c), jnp.float32, cfg.seed)
             for mode in cfg.modes:
                 dt = L.mode_dtype(mode)
@@ -317,7 +321,8 @@ def run_network(cfg: NetworkConfig) -> dict:
     rp = P.reduced_precision_table(rows, ["model", "batch", "sparsity"], "sparse_ms", "dense_ms")
     return {"kind": "network", "environment": env, "config": dataclasses.asdict(cfg), "rows": rows,
             "reduced_precision": rp, "sparsity_profiles": profiles,
-            "han2015_vgg16_density": L.HAN2015_VGG16_DENSITY, "wall_s": time.time() - start}
+            "han2015_vgg16_density": L.HAN2015_VGG16_DENSITY, "skipped": skipped,
+            "wall_s": time.time() - start}
 
 
 TABLE = [("model", "network", ""), ("batch", "N", ""), ("mode", "mode", ""), ("sparsity", "sparsity", ""),

@@ -70,6 +70,7 @@ class SweepConfig:
     k_small: int = 0
     k_large: int = 0
     progress: bool = True
+    budget_s: float = 0.0
 
     def resolved(self) -> "SweepConfig":
         """Auto values filled in for this machine."""
@@ -93,7 +94,7 @@ def config_from_flags() -> SweepConfig:
         batches=[int(b) for b in FLAGS.batch], cnn_batches=[int(b) for b in FLAGS.cnn_batch if b],
         pattern=FLAGS.pattern, reps=FLAGS.reps, out=FLAGS.out, scale=FLAGS.scale, seed=FLAGS.seed,
         kernel_time=FLAGS.kernel_time, bcsr=FLAGS.bcsr, peak_n=FLAGS.peak_n, k_small=FLAGS.k_small,
-        k_large=FLAGS.k_large, progress=FLAGS.progress)
+        k_large=FLAGS.k_large, progress=FLAGS.progress, budget_s=FLAGS.budget_s)
 
 
 # ---- measurement ---------------------------------------------------------------
@@ -202,8 +203,19 @@ def run_sweep(cfg: SweepConfig) -> dict:
             filters[key] = (filt, used, mfilt)
         return filters[key]
 
-    rows = []
+    rows, skipped = [], []
+
+    def result(wall_s):
+        return {"kind": "sweep", "environment": env, "config": dataclasses.asdict(cfg),
+                "peaks_tflops": peaks, "rows": rows, "break_even": P.break_even_rows(rows),
+                "reduced_precision": P.reduced_precision_table(
+                    rows, ["model", "layer", "batch", "sparsity"], "sparse_us", "dense_us"),
+                "skipped": skipped, "wall_s": wall_s}
+
     for layer, batch in plan:
+        if cfg.budget_s and time.time() - start > cfg.budget_s:
+            skipped.append(f"{layer.name} b{batch}")
+            continue
         kernel = gpu and (cfg.kernel_time == "all" or
                           (cfg.kernel_time == "unchainable" and layer.chain_kind == "none"))
         x32 = B.random_input(layer.input_shape(batch), jnp.float32, cfg.seed)
@@ -242,13 +254,13 @@ def run_sweep(cfg: SweepConfig) -> dict:
                 sp = sparse[(dtn, s)]
                 rows.append(make_row(layer, batch, mode, s, used, filt, mfilt, sp, d,
                                      bcsr.get(s) if dtn == "float32" else None, peaks, itemsize))
+        # A checkpoint per layer: a run killed from outside keeps what it measured.
+        os.makedirs(cfg.out, exist_ok=True)
+        P.write_json(result(time.time() - start), os.path.join(cfg.out, "sweep.partial.json"))
     bar.close()
-
-    be = P.break_even_rows(rows)
-    rp = P.reduced_precision_table(rows, ["model", "layer", "batch", "sparsity"], "sparse_us", "dense_us")
-    return {"kind": "sweep", "environment": env, "config": dataclasses.asdict(cfg),
-            "peaks_tflops": peaks, "rows": rows, "break_even": be, "reduced_precision": rp,
-            "wall_s": time.time() - start}
+    if skipped:
+        print(f"budget of {cfg.budget_s:g} s reached; skipped: {', '.join(skipped)}", file=sys.stderr)
+    return result(time.time() - start)
 
 
 def make_row(layer, batch, mode, s, used, filt, mfilt, sp, d, bc, peaks, itemsize) -> dict:
@@ -323,6 +335,8 @@ def report(result: dict) -> str:
         lines += ["", "reduced precision: gain = time at float32 / time at bf16/f16 (>1 = faster)",
                   P.format_table(result["reduced_precision"], RP_TABLE)]
     gm = P.geomean(r["speedup"] for r in result["rows"])
+    if result.get("skipped"):
+        lines += ["", "skipped (time budget): " + ", ".join(result["skipped"])]
     lines += ["", f"geometric-mean speedup over all rows: {gm:.2f}x" if gm else "",
               f"wall time {result['wall_s']:.0f} s"]
     return "\n".join(lines)

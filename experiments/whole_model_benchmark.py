@@ -31,6 +31,7 @@ flags.DEFINE_float("width", 0.125, "Channel width multiplier (1 = the published 
 flags.DEFINE_integer("resolution", 32, "Input side (224 = ImageNet).")
 flags.DEFINE_integer("repeats", 5, "Timed calls (median).")
 flags.DEFINE_bool("auto", False, "Also time policy='auto' (per-layer chain timings; slow).")
+flags.DEFINE_float("budget_s", 0.0, "Start no new (model, mode, batch) after this many seconds (0: none).")
 flags.DEFINE_string("out", "", "JSON output path (default experiments/results/whole_model_<platform>.json).")
 FLAGS = flags.FLAGS
 
@@ -59,18 +60,42 @@ def build(name, dtype, precision, seed=0):
     return model
 
 
+def compiled(model):
+    """A jitted forward over the model's state: what jit-compiled inference runs.
+
+    `nnx.split` once and `jax.jit` a pure function of the state, so a timed call
+    pays no per-call graph traversal of the Python module tree (which `nnx.jit`
+    does and which would hide the convolutions at batch 1).
+    """
+    import jax
+    from flax import nnx
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)), state
+
+
+def write(out, rows, start, skipped):
+    from jaxsparse.benchmark import environment
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"environment": environment(), "flags": {k: FLAGS[k].value for k in
+                   ("models", "batch", "sparsity", "modes", "width", "resolution", "repeats", "auto", "budget_s")},
+                   "elapsed_s": time.perf_counter() - start, "skipped": skipped, "rows": rows}, f, indent=1)
+
+
 def main(argv):
     del argv
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from jaxsparse.benchmark import environment, median_call_us, random_input
+    from jaxsparse.benchmark import environment, kernel_time_us, median_call_us, random_input
     from jaxsparse.nn import sparsify
 
-    rows = []
-    fwd = nnx.jit(lambda m, x: m(x))
+    rows, skipped = [], []
     start = time.perf_counter()
-    header = f"{'model':<9} {'mode':<16} {'batch':>5} {'sparsity':>8} {'dense ms':>9} {'sparse ms':>9} {'speedup':>7}"
+    out = FLAGS.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                    f"whole_model_{environment()['platform']}.json")
+    header = (f"{'model':<9} {'mode':<16} {'batch':>5} {'sparsity':>8} {'dense ms':>9} {'sparse ms':>9} "
+              f"{'speedup':>7} {'dense kern ms':>13} {'sparse kern ms':>14}")
     print(header + ("  auto ms (sparse layers)" if FLAGS.auto else ""))
     for name in FLAGS.models:
         for mode in FLAGS.modes:
@@ -78,38 +103,45 @@ def main(argv):
             dtype = jnp.dtype(dtype_name)
             model = build(name, dtype, getattr(jax.lax.Precision, precision))
             for batch in map(int, FLAGS.batch):
+                if FLAGS.budget_s and time.perf_counter() - start > FLAGS.budget_s:
+                    skipped.append(f"{name} {mode} b{batch}")
+                    continue
                 x = random_input((batch, FLAGS.resolution, FLAGS.resolution, 3), dtype, seed=batch)
                 for s in map(float, FLAGS.sparsity):
                     dense, _ = sparsify(model, s, policy="dense")
                     sparse, report = sparsify(model, s, policy="sparse")
-                    y_dense, y_sparse = fwd(dense, x), fwd(sparse, x)
+                    fd, sd = compiled(dense)
+                    fs, ss = compiled(sparse)
+                    y_dense, y_sparse = fd(sd, x), fs(ss, x)
                     err = float(jnp.max(jnp.abs(y_dense.astype(jnp.float32) - y_sparse.astype(jnp.float32))))
                     scale = float(jnp.max(jnp.abs(y_dense.astype(jnp.float32)))) or 1.0
                     row = dict(model=name, mode=mode, dtype=dtype_name, precision=precision, batch=batch,
                                sparsity=s, width=FLAGS.width, resolution=FLAGS.resolution,
                                convs=len(report), max_rel_diff=err / scale,
-                               dense_us=median_call_us(fwd, dense, x, repeats=FLAGS.repeats),
-                               sparse_us=median_call_us(fwd, sparse, x, repeats=FLAGS.repeats))
+                               dense_us=median_call_us(fd, sd, x, repeats=FLAGS.repeats),
+                               sparse_us=median_call_us(fs, ss, x, repeats=FLAGS.repeats))
                     row["speedup"] = row["dense_us"] / row["sparse_us"]
+                    kd, ks = kernel_time_us(fd, sd, x), kernel_time_us(fs, ss, x)  # None on a CPU
+                    row["dense_kernel_us"] = kd["total_us"] if kd else None
+                    row["sparse_kernel_us"] = ks["total_us"] if ks else None
+                    kern = (lambda v: f"{v / 1e3:.3f}" if v else "-")
                     line = (f"{name:<9} {mode:<16} {batch:>5} {s:>8.2f} {row['dense_us'] / 1e3:>9.3f} "
-                            f"{row['sparse_us'] / 1e3:>9.3f} {row['speedup']:>7.2f}")
+                            f"{row['sparse_us'] / 1e3:>9.3f} {row['speedup']:>7.2f} "
+                            f"{kern(row['dense_kernel_us']):>13} {kern(row['sparse_kernel_us']):>14}")
                     if FLAGS.auto:
                         auto, auto_report = sparsify(model, s, policy="auto", sample_input=x)
-                        fwd(auto, x)
-                        row["auto_us"] = median_call_us(fwd, auto, x, repeats=FLAGS.repeats)
+                        fa, sa = compiled(auto)
+                        fa(sa, x)
+                        row["auto_us"] = median_call_us(fa, sa, x, repeats=FLAGS.repeats)
                         row["auto_sparse_layers"] = sum(d.choice == "sparse" for d in auto_report)
                         row["auto_report"] = auto_report.to_json()["layers"]
                         line += f"  {row['auto_us'] / 1e3:.3f} ({row['auto_sparse_layers']}/{len(auto_report)})"
                     print(line, flush=True)
                     rows.append(row)
-    env = environment()
-    out = FLAGS.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                    f"whole_model_{env['platform']}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"environment": env, "flags": {k: FLAGS[k].value for k in
-                   ("models", "batch", "sparsity", "modes", "width", "resolution", "repeats", "auto")},
-                   "elapsed_s": time.perf_counter() - start, "rows": rows}, f, indent=1)
+                    write(out, rows, start, skipped)  # a checkpoint per row
+    write(out, rows, start, skipped)
+    if skipped:
+        print("skipped (time budget): " + ", ".join(skipped))
     print(f"wrote {out} ({time.perf_counter() - start:.1f} s)")
 
 

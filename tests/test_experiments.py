@@ -208,3 +208,52 @@ def test_network_tiny(tmp_path, parse_flags, capsys):
     assert len(_read_csv(out / "network.csv")[1]) == len(rows)
     for name in ("network_bars.png", "network_reduced_precision.png"):
         assert _is_png(out / name), name
+
+
+def test_budget_checkpoint_and_summary(tmp_path):
+    """--budget_s skips (and lists) layers; a checkpoint is written per layer; summarize.py reads the JSON."""
+    import subprocess
+    cfg = sweep.SweepConfig(models=["vgg16"], layers=["vgg.conv5_1", "vgg.conv4_1"], sparsities=[0.9, 0.95],
+                            modes=["float32_highest", "float32"], batches=[1], cnn_batches=[], scale=8, reps=2,
+                            k_small=1, k_large=3, peak_n=128, out=str(tmp_path / "s"), progress=False,
+                            budget_s=1e-9)
+    skipped = sweep.run_sweep(cfg)
+    assert skipped["rows"] == [] and skipped["skipped"] == ["vgg.conv5_1 b1", "vgg.conv4_1 b1"]
+
+    cfg.budget_s = 0.0
+    result = sweep.run_sweep(cfg)
+    assert result["skipped"] == [] and len(result["rows"]) == 2 * 2 * 2
+    partial = json.loads((tmp_path / "s" / "sweep.partial.json").read_text())
+    assert len(partial["rows"]) == len(result["rows"])  # the last checkpoint holds every layer
+    sweep.write_outputs(result, cfg.out)
+
+    md = tmp_path / "SUMMARY.md"
+    subprocess.run([sys.executable, os.path.join(EXPERIMENTS, "summarize.py"),
+                    f"--sweep={tmp_path / 's' / 'sweep.json'}", f"--out={md}"], check=True)
+    text = md.read_text()
+    assert "## Targets of the CUDA-kernel issue" in text and "## Break-even sparsity, batch 1" in text
+    gm = math.exp(np.mean([math.log(r["speedup"]) for r in result["rows"]
+                           if r["sparsity"] == 0.9 and r["mode"] == "float32_highest"]))
+    assert f"| 1 | 0.9 | {gm:.2f} (2) |" in text  # the geomean row comes from the JSON
+
+
+def test_whole_model_benchmark_tiny(tmp_path):
+    """Dense vs sparsified Flax VGG-16 under jit: same outputs, a row per sparsity, budget listed."""
+    import subprocess
+    out = tmp_path / "wm.json"
+    subprocess.run([sys.executable, os.path.join(EXPERIMENTS, "whole_model_benchmark.py"), "--models=vgg16",
+                    "--batch=1", "--sparsity=0.8,0.95", "--width=0.0625", "--resolution=32", "--repeats=1",
+                    "--modes=float32_highest,float32", "--budget_s=1e-9", f"--out={out}"], check=True)
+    result = json.loads(out.read_text())
+    # the budget is checked per (model, mode, batch): the first one runs only if none has elapsed
+    assert result["skipped"] and all(s.startswith("vgg16") for s in result["skipped"])
+    subprocess.run([sys.executable, os.path.join(EXPERIMENTS, "whole_model_benchmark.py"), "--models=vgg16",
+                    "--batch=1", "--sparsity=0.8,0.95", "--width=0.0625", "--resolution=32", "--repeats=1",
+                    f"--out={out}"], check=True)
+    result = json.loads(out.read_text())
+    assert result["environment"]["jax"] and result["skipped"] == []
+    rows = result["rows"]
+    assert [r["sparsity"] for r in rows] == [0.8, 0.95]
+    for r in rows:
+        assert r["convs"] == 13 and r["dense_us"] > 0 and r["sparse_us"] > 0 and r["max_rel_diff"] < 1e-4
+        assert (r["sparse_kernel_us"] is None) == (not B.gpu_present())

@@ -1,0 +1,257 @@
+"""Markdown summary of a GPU results folder: the numbers the README quotes, from the JSON.
+
+    python3 experiments/summarize.py --sweep=experiments/results/h200/sweep.json \
+        --network=experiments/results/h200/network.json \
+        --whole_model=experiments/results/h200/whole_model/*.json \
+        --raw=experiments/results/h200/raw --out=experiments/results/h200/SUMMARY.md
+
+Every number is read from the result files (measured on the device by `sweep.py`,
+`network.py` and `whole_model_benchmark.py`); nothing is typed in by hand. Speedup =
+dense / sparse at the same dtype (chain µs per op or pair; GPU kernel time where a
+layer cannot chain).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+
+from absl import app, flags
+
+flags.DEFINE_string("sweep", None, "Merged sweep.json (plots.py --results=...).")
+flags.DEFINE_string("network", None, "Merged network.json.")
+flags.DEFINE_list("whole_model", [], "whole_model_benchmark.py JSON files (globs allowed).")
+flags.DEFINE_string("raw", "", "Folder of the per-call JSON files (for the 'skipped' lists).")
+flags.DEFINE_string("out", "", "Markdown output (default: stdout).")
+FLAGS = flags.FLAGS
+
+MODES = ("float32_highest", "float32", "bfloat16", "float16")
+MODE_LABEL = {"float32_highest": "f32 HIGHEST", "float32": "f32 default (TF32)", "bfloat16": "bf16",
+              "float16": "f16"}
+
+
+def geomean(values):
+    values = [v for v in values if v and v > 0]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+
+
+def fmt(v, spec=".2f", none="-"):
+    return none if v is None else format(v, spec)
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def vgg_geomeans(rows):
+    out = []
+    for batch in sorted({r["batch"] for r in rows if r["model"] == "vgg16"}):
+        sparsities = sorted({r["sparsity"] for r in rows if r["model"] == "vgg16" and r["batch"] == batch})
+        for s in sparsities:
+            cells = []
+            for m in MODES:
+                sel = [r for r in rows if r["model"] == "vgg16" and r["batch"] == batch
+                       and r["sparsity"] == s and r["mode"] == m]
+                cells.append(f"{fmt(geomean(r['speedup'] for r in sel))} ({len(sel)})" if sel else "-")
+            out.append([batch, s] + cells)
+    return table(["batch", "sparsity"] + [f"x vs {MODE_LABEL[m]} (layers)" for m in MODES], out)
+
+
+def break_even_table(be, batch):
+    layers = list(dict.fromkeys(r["layer"] for r in be if r["batch"] == batch))
+    out = []
+    for layer in layers:
+        cells = {r["mode"]: r["note"] for r in be if r["layer"] == layer and r["batch"] == batch}
+        out.append([layer] + [cells.get(m, "-") for m in MODES])
+    return table(["layer"] + [MODE_LABEL[m] for m in MODES], out)
+
+
+def find(rows, **kw):
+    return [r for r in rows if all(r.get(k) == v for k, v in kw.items())]
+
+
+def _note_key(note: str) -> float:
+    """Order break-even notes: '<=0.7' below 0.7, '>0.98' above everything."""
+    if note.startswith("<="):
+        return float(note[2:]) - 1e-3
+    if note.startswith(">"):
+        return 2.0
+    return float(note)
+
+
+def targets(rows, be, peaks):
+    """The CUDA-kernel issue's targets against what this run measured."""
+    def gm(batch, s, mode):
+        return geomean(r["speedup"] for r in find(rows, model="vgg16", batch=batch, sparsity=s, mode=mode))
+
+    def be_max(batch, mode):
+        vals = [r for r in be if r["model"] == "vgg16" and r["batch"] == batch and r["mode"] == mode]
+        notes = sorted((r["note"] for r in vals), key=_note_key)
+        return f"{notes[0]} .. {notes[-1]}" if notes else "-"
+
+    r50 = {m: [r for r in find(rows, model="resnet50_1x1", batch=1, sparsity=0.9, mode=m) if r["chain"] == "pair"]
+           for m in ("float32", "float32_highest")}
+    tf32 = [r["speedup"] for r in r50["float32"]]
+    bcsr = [r.get("speedup_vs_bcsr") for r in r50["float32"] if r.get("speedup_vs_bcsr")]
+    kim = {(b, m): [r["speedup"] for r in find(rows, model="cnn_non_static", batch=b, sparsity=0.9, mode=m)]
+           for b in (1, 50) for m in MODES}
+    big = find(rows, model="vgg16", batch=32, sparsity=0.9, mode="float32_highest")
+    eff = max((r["sparse_tflops"] or 0 for r in big), default=0)
+    f32_peak = peaks.get("float32_highest")
+
+    def rng(v):
+        return f"{min(v):.2f} .. {max(v):.2f}" if v else "-"
+
+    items = [
+        ("b1 90 %, VGG geomean vs f32 HIGHEST", ">= 6x", fmt(gm(1, 0.9, "float32_highest"))),
+        ("b1 90 %, VGG geomean vs TF32", ">= 1x", fmt(gm(1, 0.9, "float32"))),
+        ("b1 95 %, VGG geomean vs f32 HIGHEST", ">= 12x", fmt(gm(1, 0.95, "float32_highest"))),
+        ("b1 95 %, VGG geomean vs TF32", ">= 2x", fmt(gm(1, 0.95, "float32"))),
+        ("b1 95 %, VGG geomean vs bf16", ">= 1.5x", fmt(gm(1, 0.95, "bfloat16"))),
+        ("b32 break-even vs f32 HIGHEST (VGG layers)", "<= 0.5", be_max(32, "float32_highest")),
+        ("b32 break-even vs TF32", "<= 0.93", be_max(32, "float32")),
+        ("b32 break-even vs bf16", "<= 0.97", be_max(32, "bfloat16")),
+        ("R50 1x1 DLMC 0.9 b1 per pair vs TF32", ">= 2x", rng(tf32)),
+        ("R50 1x1 DLMC 0.9 b1 per pair vs BCSR", ">= 3x", rng(bcsr)),
+        ("sentence CNN 90 % kernel time b1 vs f32 HIGHEST / TF32 / bf16", ">= 3x",
+         " / ".join(rng(kim[(1, m)]) for m in ("float32_highest", "float32", "bfloat16"))),
+        ("sentence CNN 90 % kernel time b50 vs f32 HIGHEST / TF32 / bf16", ">= 3x",
+         " / ".join(rng(kim[(50, m)]) for m in ("float32_highest", "float32", "bfloat16"))),
+        ("VGG b32 90 % best effective TFLOP/s, fraction of measured f32 peak", ">= 40 %",
+         f"{eff:.1f} TFLOP/s = {eff / f32_peak:.0%} of {f32_peak:.1f}" if f32_peak else "-"),
+    ]
+    return table(["target", "required", "measured"], items)
+
+
+def r50_table(rows):
+    out = []
+    for r in rows:
+        if r["model"] == "resnet50_1x1" and r["sparsity"] == 0.9 and r["mode"] in ("float32_highest", "float32", "bfloat16"):
+            out.append([r["layer"], r["batch"], MODE_LABEL[r["mode"]], r["unit"], fmt(r["sparse_us"], ".1f"),
+                        fmt(r["dense_us"], ".1f"), fmt(r["speedup"]), fmt(r.get("bcsr_us"), ".1f"),
+                        fmt(r.get("speedup_vs_bcsr")), fmt(r["sparse_kernel_us"], ".1f"),
+                        fmt(r["dense_kernel_us"], ".1f")])
+    return table(["layer", "N", "mode", "per", "sparse µs", "dense µs", "x", "BCSR µs", "x vs BCSR",
+                  "sparse kernel µs", "dense kernel µs"], out)
+
+
+def kim_table(rows):
+    out = []
+    for r in rows:
+        if r["model"] == "cnn_non_static" and r["sparsity"] == 0.9:
+            out.append([r["layer"], r["batch"], MODE_LABEL[r["mode"]], fmt(r["sparse_kernel_us"], ".1f"),
+                        fmt(r["dense_kernel_us"], ".1f"), fmt(r["kernel_speedup"]),
+                        fmt(r["sparse_us"], ".1f"), fmt(r["dense_us"], ".1f")])
+    return table(["layer", "N", "mode", "sparse kernel µs", "dense kernel µs", "x (kernel)",
+                  "sparse call µs", "dense call µs"], out)
+
+
+def reduced_precision(rp):
+    out = []
+    for low in ("bfloat16", "float16"):
+        for ref in ("float32_highest", "float32"):
+            sel = [r for r in rp if r["low_mode"] == low and r["ref_mode"] == ref]
+            if not sel:
+                continue
+            out.append([MODE_LABEL[low], MODE_LABEL[ref], len(sel), fmt(geomean(r["dense_gain"] for r in sel)),
+                        fmt(geomean(r["sparse_gain"] for r in sel))])
+    return table(["low precision", "vs", "rows", "dense gain (geomean)", "sparse gain (geomean)"], out)
+
+
+def network_table(net):
+    out = []
+    for r in net["rows"]:
+        out.append([r["model"], r["batch"], MODE_LABEL[r["mode"]], r["sparsity"], fmt(r["dense_ms"], ".3f"),
+                    fmt(r["sparse_ms"], ".3f"), fmt(r["speedup"]),
+                    fmt(r["dense_kernel_us"] and r["dense_kernel_us"] / 1e3, ".3f"),
+                    fmt(r["sparse_kernel_us"] and r["sparse_kernel_us"] / 1e3, ".3f"), fmt(r["kernel_speedup"])])
+    return table(["network", "N", "mode", "sparsity", "dense ms/call", "sparse ms/call", "x",
+                  "dense kernel ms", "sparse kernel ms", "x (kernel)"], out)
+
+
+def whole_model_table(paths):
+    out, skipped = [], []
+    for path in paths:
+        with open(path) as f:
+            d = json.load(f)
+        skipped += d.get("skipped", [])
+        for r in d["rows"]:
+            out.append([r["model"], r["batch"], MODE_LABEL[r["mode"]], r["sparsity"], fmt(r["dense_us"] / 1e3, ".3f"),
+                        fmt(r["sparse_us"] / 1e3, ".3f"), fmt(r["speedup"]),
+                        fmt(r.get("dense_kernel_us") and r["dense_kernel_us"] / 1e3, ".3f"),
+                        fmt(r.get("sparse_kernel_us") and r["sparse_kernel_us"] / 1e3, ".3f"),
+                        fmt(r["max_rel_diff"], ".1e")])
+    measured = {(row[0], row[2], row[1]) for row in out}
+    missing = [s for s in dict.fromkeys(skipped)
+               if not any(s.startswith(m) and f"b{b}" in s and MODE_LABEL.get(s.split()[1]) == lab
+                          for m, lab, b in measured)]
+    text = table(["model", "N", "mode", "sparsity", "dense ms/call", "sparse ms/call", "x", "dense kernel ms",
+                  "sparse kernel ms", "max rel diff"], out)
+    return text, missing
+
+
+def main(argv):
+    del argv
+    with open(FLAGS.sweep) as f:
+        sweep = json.load(f)
+    rows, be, env = sweep["rows"], sweep["break_even"], sweep["environment"]
+    runs = sweep.get("runs", [{"environment": env}])
+    dates = sorted(r["environment"]["date"] for r in runs)
+    parts = [f"# Results on {env['device']} (jax {env['jax']}, jaxlib {env['jaxlib']}, Python {env['python']})",
+             "",
+             f"Generated by `experiments/summarize.py` from the result files in this folder (measured "
+             f"{dates[0]} .. {dates[-1]}). Sparse = jaxsparse CUDA kernels (exact float32 FMA "
+             "accumulation at every dtype); dense = the convolution XLA emits (cuDNN) at the same dtype, "
+             "timed in the same run by the same method. x = dense / sparse; > 1 means sparse is faster.",
+             "", "measured matmul peak (TFLOP/s): " +
+             ", ".join(f"{MODE_LABEL.get(m, m)} {v:.1f}" for m, v in sweep["peaks_tflops"].items())]
+    skipped = []
+    if FLAGS.raw:
+        for path in sorted(glob.glob(os.path.join(FLAGS.raw, "*.json"))):
+            with open(path) as f:
+                skipped += [f"{s} ({os.path.basename(path)})" for s in json.load(f).get("skipped", [])]
+    if skipped:
+        parts += ["", "Not measured (time budget of the device call): " + ", ".join(skipped) + "."]
+    parts += ["", "## Targets of the CUDA-kernel issue", "", targets(rows, be, sweep["peaks_tflops"]),
+              "", "## VGG-16: geometric-mean speedup over the distinct layer shapes", "",
+              "Chain method, µs per op (per layer + mirror pair where Cin != Cout); conv3_3, conv4_3, "
+              "conv5_2 and conv5_3 have the shapes of conv3_2, conv4_2 and conv5_1.", "", vgg_geomeans(rows)]
+    for batch in sorted({r["batch"] for r in be}):
+        parts += ["", f"## Break-even sparsity, batch {batch}", "",
+                  "Sparse is faster above it; `<=x`: already at the lowest tested, `>0.98`: never in range.",
+                  "", break_even_table(be, batch)]
+    parts += ["", "## ResNet-50 1x1 (DLMC patterns), 90 %", "", r50_table(rows),
+              "", "## Sentence CNN (CNN-non-static), 90 %", "",
+              "Unchainable (VALID, Cin != Cout, no mirror): compared on GPU kernel time.", "", kim_table(rows),
+              "", "## Reduced precision", "",
+              "Gain = time at the float32 mode / time at the 16-bit mode, per layer, batch and sparsity "
+              "(> 1: the 16-bit run is faster).", "", reduced_precision(sweep["reduced_precision"])]
+    if FLAGS.network:
+        with open(FLAGS.network) as f:
+            parts += ["", "## Whole networks under one `jax.jit` (bias + ReLU, same pruned weights)", "",
+                      "Median ms per jitted forward call; kernel ms = summed GPU kernel time per call.",
+                      "", network_table(json.load(f))]
+    paths = sorted(p for pat in FLAGS.whole_model for p in glob.glob(pat))
+    if paths:
+        text, missing = whole_model_table(paths)
+        parts += ["", "## Whole Flax models (`sparsify(policy='sparse')` vs dense), ImageNet sizes", "",
+                  "Median ms per jitted forward call of the `nnx.split` state; kernel ms from a profiler trace.",
+                  "", text]
+        if missing:
+            parts += ["", "Not measured (time budget): " + ", ".join(missing) + "."]
+    text = "\n".join(parts) + "\n"
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            f.write(text)
+        print(f"wrote {FLAGS.out}")
+    else:
+        print(text)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("sweep")
+    app.run(main)

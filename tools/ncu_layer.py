@@ -1,0 +1,45 @@
+"""One sparse convolution per kernel family, for Nsight Compute (`ncu`) on the GPU machine.
+
+    ncu --clock-control none -k regex:jaxsparse --section SpeedOfLight ... \
+        python3 tools/ncu_layer.py --families=auto,rowbucket --layer=conv3_2 --batch=1
+
+Each family runs the layer once after a warm-up call (ncu profiles every launch whose
+name matches; skip the warm-up with --launch-skip or read the last ones).
+"""
+import argparse
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxsparse
+
+LAYERS = {  # name: (H=W, Cin, Cout, kernel)
+    "conv1_2": (224, 64, 64, (3, 3)), "conv3_2": (56, 256, 256, (3, 3)),
+    "conv4_2": (28, 512, 512, (3, 3)), "conv5_1": (14, 512, 512, (3, 3)),
+    "r50g3red": (14, 1024, 256, (1, 1)),
+}
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--families", default="auto,rowbucket")
+parser.add_argument("--layer", default="conv3_2", choices=sorted(LAYERS))
+parser.add_argument("--batch", type=int, default=1)
+parser.add_argument("--sparsity", type=float, default=0.9)
+parser.add_argument("--dtype", default="float32")
+args = parser.parse_args()
+
+hw, cin, cout, k = LAYERS[args.layer]
+dt = jnp.dtype(args.dtype)
+f = jaxsparse.random_filter(0, k, cin, cout, args.sparsity, dtype=dt)
+x = jnp.asarray(np.random.default_rng(0).standard_normal((args.batch, hw, hw, cin)), dt)
+for fam in args.families.split(","):
+    if fam == "auto":
+        os.environ.pop("JAXSPARSE_GPU_KERNEL", None)
+    else:
+        os.environ["JAXSPARSE_GPU_KERNEL"] = fam
+    jax.clear_caches()
+    fn = jax.jit(lambda x, f: jaxsparse.sparse_conv(x, f))
+    jax.block_until_ready(fn(x, f))  # warm-up (compile)
+    y = jax.block_until_ready(fn(x, f))
+    print(fam, args.layer, args.batch, args.sparsity, dt.name, float(jnp.abs(y.astype(jnp.float32)).mean()), flush=True)

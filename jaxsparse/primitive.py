@@ -119,6 +119,15 @@ require_devices_during_lowering(sparse_conv_p)
 
 # ---- batching ---------------------------------------------------------------
 
+def _is_sharded(x, axis: int) -> bool:
+    """Whether ``axis`` of ``x`` is sharded in its type (explicit-sharding meshes only)."""
+    try:
+        spec = jax.typeof(x).sharding.spec
+    except Exception:  # no explicit sharding in the type (or an older jax): nothing to respect
+        return False
+    return axis < len(spec) and spec[axis] is not None
+
+
 def _batch_rule(args, dims, **params):
     """Folds vmapped axes into the native call; never loops.
 
@@ -135,10 +144,14 @@ def _batch_rule(args, dims, **params):
     not_mapped = None  # batching.not_mapped; no longer exported by jax >= 0.10
 
     if all(d is not_mapped for d in (data_dim, indices_dim, indptr_dim, bias_dim)):
-        x = jnp.moveaxis(x, x_dim, 0)
-        g, n = x.shape[:2]
-        out = bind(x.reshape((g * n,) + x.shape[2:]), data, indices, indptr, bias, **params)
-        return out.reshape((g, n) + out.shape[1:]), 0
+        # Merge the mapped axis into the batch. The sharded one of the two goes first:
+        # under an explicit-sharding mesh a reshape may merge a sharded major axis with an
+        # unsharded minor one, not the other way round.
+        major = 0 if _is_sharded(x, x_dim) else 1
+        x = jnp.moveaxis(x, x_dim, major)
+        a, b = x.shape[:2]
+        out = bind(x.reshape((a * b,) + x.shape[2:]), data, indices, indptr, bias, **params)
+        return out.reshape((a, b) + out.shape[1:]), major
 
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not not_mapped)
 

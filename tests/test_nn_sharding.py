@@ -69,12 +69,23 @@ SCRIPT = textwrap.dedent(r"""
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-6)
     n = check_hlo(fwd, state_r, xs, local_batch=2)
     assert n == 13, n
-    # vmap still folds into the native call under sharding (auto mesh: under an explicit
-    # mesh the batching rule's reshape of a sharded batch needs an out_sharding)
-    mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,))
-    xv = jax.device_put(x.reshape(2, 4, 32, 32, 3), NamedSharding(mesh, P(None, "data")))
-    yv = jax.jit(jax.vmap(lambda x: nnx.merge(graphdef, state)(x)))(xv)
-    np.testing.assert_allclose(np.asarray(yv).reshape(8, -1), ref, rtol=1e-5, atol=1e-6)
+    # 4. vmap folds into the native call under sharding, auto and explicit meshes, with the
+    # batch sharded (vmapped axis in front) or the vmapped axis itself sharded
+    for axis_type in (AxisType.Auto, AxisType.Explicit):
+        mesh = jax.make_mesh((4,), ("data",), axis_types=(axis_type,))
+        with jax.set_mesh(mesh):
+            fv = jax.jit(jax.vmap(lambda s, x: nnx.merge(graphdef, s)(x), in_axes=(None, 0)))
+            xv = jax.device_put(x.reshape(2, 4, 32, 32, 3), NamedSharding(mesh, P(None, "data")))
+            yv = fv(state, xv)
+            np.testing.assert_allclose(np.asarray(yv).reshape(8, -1), ref, rtol=1e-5, atol=1e-6)
+            if axis_type == AxisType.Explicit:
+                assert yv.sharding.spec[:2] == (None, "data"), yv.sharding
+                check_hlo(fv, state, xv, local_batch=2)
+            xg = jax.device_put(x.reshape(4, 2, 32, 32, 3), NamedSharding(mesh, P("data")))
+            yg = fv(state, xg)
+            np.testing.assert_allclose(np.asarray(yg).reshape(8, -1), ref, rtol=1e-5, atol=1e-6)
+            if axis_type == AxisType.Explicit:
+                check_hlo(fv, state, xg, local_batch=2)
     print("SHARDING OK")
 """)
 

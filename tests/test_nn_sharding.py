@@ -1,7 +1,9 @@
-"""Data-parallel inference with the batch sharded over 4 host CPU devices.
+"""Data-parallel inference with the batch sharded over several devices.
 
-The device count must be set before JAX starts, so the checks run in a
-subprocess with ``--xla_force_host_platform_device_count=4``.
+On the CPU: 4 host devices. The device count must be set before JAX starts, so the
+checks run in a subprocess with ``--xla_force_host_platform_device_count=4``.
+On a machine with 2 or more GPUs the same script runs over all of them
+(``test_batch_sharded_inference_on_gpus``; skipped with fewer than 2 GPUs).
 """
 
 import os
@@ -21,7 +23,11 @@ SCRIPT = textwrap.dedent(r"""
     import jaxsparse
     from jaxsparse.nn import models, sparsify
 
-    assert len(jax.devices()) == 4, jax.devices()
+    jax.config.update("jax_default_matmul_precision", "highest")  # GPUs: no TF32 in the dense head
+    D = len(jax.devices())
+    assert D in (2, 4), jax.devices()  # 8 images, a vmapped axis of 4 split D ways
+    LOCAL = 8 // D  # the batch of 8 images split over D devices
+    print("devices:", jax.devices())
     rng = np.random.default_rng(0)
 
     def check_hlo(fn, *args, local_batch):
@@ -40,16 +46,16 @@ SCRIPT = textwrap.dedent(r"""
     x = jnp.asarray(rng.standard_normal((8, 10, 10, 8)), jnp.float32)
     ref = np.asarray(jaxsparse.sparse_conv(x, f, bias=b, activation="relu"))
     for axis_type in (AxisType.Explicit, AxisType.Auto):
-        mesh = jax.make_mesh((4,), ("data",), axis_types=(axis_type,))
+        mesh = jax.make_mesh((D,), ("data",), axis_types=(axis_type,))
         xs = jax.device_put(x, NamedSharding(mesh, P("data")))
         fn = jax.jit(lambda x, f, b: jaxsparse.sparse_conv(x, f, bias=b, activation="relu"))
         y = fn(xs, f, b)
         np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-6, atol=1e-6)
         assert y.sharding.spec[0] == "data", y.sharding
-        check_hlo(fn, xs, f, b, local_batch=2)
+        check_hlo(fn, xs, f, b, local_batch=LOCAL)
 
     # 2. input sharded along H as well: correct (H is gathered, the batch is not)
-    mesh2 = jax.make_mesh((2, 2), ("data", "h"), axis_types=(AxisType.Auto,) * 2)
+    mesh2 = jax.make_mesh((2, D // 2), ("data", "h"), axis_types=(AxisType.Auto,) * 2)
     xs = jax.device_put(x, NamedSharding(mesh2, P("data", "h")))
     y = jax.jit(lambda x: jaxsparse.sparse_conv(x, f, bias=b, activation="relu"))(xs)
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-6, atol=1e-6)
@@ -62,30 +68,31 @@ SCRIPT = textwrap.dedent(r"""
     graphdef, state = nnx.split(sparse)
     fwd = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
     ref = np.asarray(fwd(state, x))
-    mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Explicit,))
+    mesh = jax.make_mesh((D,), ("data",), axis_types=(AxisType.Explicit,))
     xs = jax.device_put(x, NamedSharding(mesh, P("data")))
     state_r = jax.device_put(state, NamedSharding(mesh, P()))
     y = fwd(state_r, xs)
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-6)
-    n = check_hlo(fwd, state_r, xs, local_batch=2)
+    n = check_hlo(fwd, state_r, xs, local_batch=LOCAL)
     assert n == 13, n
     # 4. vmap folds into the native call under sharding, auto and explicit meshes, with the
     # batch sharded (vmapped axis in front) or the vmapped axis itself sharded
     for axis_type in (AxisType.Auto, AxisType.Explicit):
-        mesh = jax.make_mesh((4,), ("data",), axis_types=(axis_type,))
+        mesh = jax.make_mesh((D,), ("data",), axis_types=(axis_type,))
         with jax.set_mesh(mesh):
             fv = jax.jit(jax.vmap(lambda s, x: nnx.merge(graphdef, s)(x), in_axes=(None, 0)))
             xv = jax.device_put(x.reshape(2, 4, 32, 32, 3), NamedSharding(mesh, P(None, "data")))
+            # with D devices: the vmapped axis (2) is unsharded, the batch (4) split D ways
             yv = fv(state, xv)
             np.testing.assert_allclose(np.asarray(yv).reshape(8, -1), ref, rtol=1e-5, atol=1e-6)
             if axis_type == AxisType.Explicit:
                 assert yv.sharding.spec[:2] == (None, "data"), yv.sharding
-                check_hlo(fv, state, xv, local_batch=2)
-            xg = jax.device_put(x.reshape(4, 2, 32, 32, 3), NamedSharding(mesh, P("data")))
+                check_hlo(fv, state, xv, local_batch=LOCAL)
+            xg = jax.device_put(x.reshape(D, 8 // D, 32, 32, 3), NamedSharding(mesh, P("data")))
             yg = fv(state, xg)
             np.testing.assert_allclose(np.asarray(yg).reshape(8, -1), ref, rtol=1e-5, atol=1e-6)
             if axis_type == AxisType.Explicit:
-                check_hlo(fv, state, xg, local_batch=2)
+                check_hlo(fv, state, xg, local_batch=LOCAL)
     print("SHARDING OK")
 """)
 
@@ -94,4 +101,22 @@ def test_batch_sharded_inference_partitions_along_batch():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
                           timeout=300, cwd="/")
+    assert proc.returncode == 0 and "SHARDING OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def _gpu_count() -> int:
+    import jax
+    try:
+        return len(jax.devices("gpu"))
+    except RuntimeError:
+        return 0
+
+
+@pytest.mark.skipif(_gpu_count() < 2, reason="needs 2 or more GPUs (the multi-GPU machine kinds)")
+def test_batch_sharded_inference_on_gpus():
+    """The same checks over every GPU of the machine: the custom call partitions along the batch."""
+    env = dict(os.environ, JAXSPARSE_REQUIRE_CUDA="1")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600, cwd="/")
     assert proc.returncode == 0 and "SHARDING OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -9,7 +9,7 @@
 # STEPS defaults to "install tests sanitize bench". Experiment steps (issue 4-6 results,
 # each bounded by a time budget and a timeout; outputs under $OUT/<step>):
 #   ncu sweep_vgg_b1 sweep_vgg_b32 sweep_r50_kim network_b1 network_b32 whole_model_b1 whole_model_b32
-#   nn train_kim
+#   nn sharding_gpu (a machine of 2+ GPUs) train_kim
 # and "bundle" (tar everything under $OUT into all.tgz: at most 8 files come back).
 # Other knobs:
 #   PYTEST_ARGS   extra pytest arguments for the GPU tests (e.g. "-k vgg")
@@ -244,7 +244,7 @@ for b in 1 32; do
 done
 for b in 1 32; do  # ImageNet sizes; one process (and JSON) per batch so a budget cut keeps both models at batch 1
   has whole_model_b$b && run_step whole_model_b$b ${WM_TIMEOUT:-110} python3 experiments/whole_model_benchmark.py \
-    --width=1 --resolution=224 --modes=float32_highest,float32,bfloat16 --batch=$b --sparsity=0.8,0.9,0.95 \
+    --width=1 --resolution=224 --models=${WM_MODELS:-vgg16,resnet50} --modes=${WM_MODES:-float32_highest,float32,bfloat16} --batch=$b --sparsity=0.8,0.9,0.95 \
     --repeats=10 --budget_s=${WM_BUDGET:-70} --out=$OUT/whole_model/whole_model_h200_b$b.json
 done
 if has nn; then
@@ -252,6 +252,12 @@ if has nn; then
   (cd "$REPO/tests" && timeout ${NN_TIMEOUT:-120} python3 -m pytest -q ${NN_TESTS:-test_nn.py test_autodiff.py} -p no:cacheprovider) > "$OUT/tests_nn.log" 2>&1
   note "tests ${NN_TESTS:-test_nn.py test_autodiff.py} rc=$? ($(( $(date +%s) - start )) s): $(tail -1 "$OUT/tests_nn.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/tests_nn.log" | head -20 | tee -a "$SUMMARY"
+fi
+if has sharding_gpu; then  # on nvidia-h200-x2 / -x4: batch-sharded inference over every GPU
+  start=$(date +%s)
+  (cd "$REPO/tests" && timeout ${SHARD_TIMEOUT:-300} python3 -m pytest -q -rs test_nn_sharding.py -p no:cacheprovider) > "$OUT/tests_sharding.log" 2>&1
+  note "tests_sharding rc=$? ($(( $(date +%s) - start )) s): $(tail -1 "$OUT/tests_sharding.log")"
+  grep -E "^(FAILED|ERROR|SKIPPED)" "$OUT/tests_sharding.log" | head -5 | tee -a "$SUMMARY"
 fi
 if has train_kim; then  # full size (300-d embeddings, 100 maps); one process per dataset
   for ds in mr sst2; do

@@ -60,9 +60,7 @@ def main(argv):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax import lax
 
-    import jaxsparse
     from jaxsparse import benchmark as bm
     import layers as L
 

@@ -20,6 +20,8 @@ import os
 
 from absl import app, flags
 
+import layers as L  # this folder is on sys.path when run as a script
+
 flags.DEFINE_string("sweep", None, "Merged sweep.json (plots.py --results=...).")
 flags.DEFINE_string("network", None, "Merged network.json.")
 flags.DEFINE_list("whole_model", [], "whole_model_benchmark.py JSON files (globs allowed).")
@@ -27,7 +29,7 @@ flags.DEFINE_string("raw", "", "Folder of the per-call JSON files (for the 'skip
 flags.DEFINE_string("out", "", "Markdown output (default: stdout).")
 FLAGS = flags.FLAGS
 
-MODES = ("float32_highest", "float32", "bfloat16", "float16")
+MODES = tuple(L.MODES)
 MODE_LABEL = {"float32_highest": "f32 HIGHEST", "float32": "f32 default (TF32)", "bfloat16": "bf16",
               "float16": "f16"}
 

@@ -34,7 +34,6 @@ import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import jaxsparse  # noqa: E402
 from jaxsparse import benchmark as B  # noqa: E402
 
 import layers as L  # noqa: E402
@@ -132,28 +131,16 @@ def _bcsr_matrix(filt):
 
 
 def measure_bcsr(layer: L.Layer, x, filt, mfilt, cfg: SweepConfig, kernel: bool) -> dict:
-    """`jax.experimental.sparse` BCSR (Cout x Cin) @ activations (Cin x N*H*W), float32."""
+    """`jax.experimental.sparse` BCSR (Cout x Cin) @ activations (Cin x N*H*W), float32.
+
+    Timed by `measure`, the same chain/call/kernel-time method as the convolutions,
+    with the activations as the chained value and the matrices as the weights.
+    """
     if layer.stride > 1:
         x = x[:, ::layer.stride, ::layer.stride, :]
     xc = x.astype(jnp.float32).reshape(-1, layer.cin).T
-    a = _bcsr_matrix(filt)
-    mm = lambda m, v: m @ v  # noqa: E731
-    kind = layer.chain_kind
-    res = {"unit": {"single": "op", "pair": "pair", "none": "call"}[kind]}
-    if kind == "single":
-        res["us"] = B.chain_time_us([lambda s: (mm(s[1], s[0]), s[1])], (xc, a), k_small=cfg.k_small,
-                                    k_large=cfg.k_large, repeats=cfg.reps)
-    elif kind == "pair":
-        am = _bcsr_matrix(mfilt)
-        res["us"] = B.chain_time_us([lambda s: (mm(s[1], s[0]), s[1], s[2]),
-                                     lambda s: (mm(s[2], s[0]), s[1], s[2])], (xc, a, am),
-                                    k_small=cfg.k_small, k_large=cfg.k_large, repeats=cfg.reps)
-    fn = jax.jit(mm)
-    if kind == "none":
-        res["us"] = B.median_call_us(fn, a, xc, repeats=cfg.reps)
-    kt = B.kernel_time_us(fn, a, xc) if kernel else None
-    res["kernel_us"] = kt["total_us"] if kt else None
-    return res
+    am = _bcsr_matrix(mfilt) if layer.chain_kind == "pair" else None
+    return measure(layer, lambda v, m: m @ v, xc, _bcsr_matrix(filt), am, cfg, kernel)
 
 
 def measure_peaks(modes, n: int) -> dict:

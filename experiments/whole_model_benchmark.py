@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 from absl import app, flags
+
+import layers as L  # the precision modes shared by every experiment script (this folder is on sys.path)
 
 flags.DEFINE_list("models", ["vgg16", "resnet50"], "Models: vgg16, resnet50.")
 flags.DEFINE_list("batch", ["1", "32"], "Batch sizes.")
@@ -34,13 +35,6 @@ flags.DEFINE_bool("auto", False, "Also time policy='auto' (per-layer chain timin
 flags.DEFINE_float("budget_s", 0.0, "Start no new (model, mode, batch) after this many seconds (0: none).")
 flags.DEFINE_string("out", "", "JSON output path (default experiments/results/whole_model_<platform>.json).")
 FLAGS = flags.FLAGS
-
-MODES = {
-    "float32_highest": ("float32", "HIGHEST"),
-    "float32": ("float32", "DEFAULT"),      # TF32 tensor cores on recent NVIDIA GPUs
-    "bfloat16": ("bfloat16", "DEFAULT"),
-    "float16": ("float16", "DEFAULT"),
-}
 
 
 def build(name, dtype, precision, seed=0):
@@ -86,7 +80,6 @@ def main(argv):
     del argv
     import jax
     import jax.numpy as jnp
-    from flax import nnx
     from jaxsparse.benchmark import environment, kernel_time_us, median_call_us, random_input
     from jaxsparse.nn import sparsify
 
@@ -99,7 +92,7 @@ def main(argv):
     print(header + ("  auto ms (sparse layers)" if FLAGS.auto else ""))
     for name in FLAGS.models:
         for mode in FLAGS.modes:
-            dtype_name, precision = MODES[mode]
+            dtype_name, precision = L.MODES[mode]
             dtype = jnp.dtype(dtype_name)
             model = build(name, dtype, getattr(jax.lax.Precision, precision))
             for batch in map(int, FLAGS.batch):

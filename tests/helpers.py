@@ -13,6 +13,7 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
+from hypothesis import strategies as st
 
 import jaxsparse
 
@@ -154,3 +155,23 @@ def filter_with_empty_rows(rng, kernel_size, cin, cout, sparsity, dtype, empty_r
     dense = np.where(mask, dense, 0.0).astype(np.float32)
     dense[..., list(empty_rows)] = 0.0
     return jaxsparse.SparseFilter.from_dense(dense, None, dtype=dtype)
+
+
+def draw_conv_geometry(draw, nd, *, kernel, dilation, stride, extra):
+    """A convolution geometry for hypothesis cases: per-axis kernel size, dilation and stride
+    drawn from the given strategies, padding SAME, VALID or explicit (0-3 per side), and
+    an input size the padding admits plus ``extra`` (a strategy) more pixels.
+    """
+    kernel_size = tuple(draw(kernel) for _ in range(nd))
+    dilations = tuple(draw(dilation) for _ in range(nd))
+    strides = tuple(draw(stride) for _ in range(nd))
+    kind = draw(st.sampled_from(["SAME", "VALID", "explicit"]))
+    padding = (tuple((draw(st.integers(0, 3)), draw(st.integers(0, 3))) for _ in range(nd))
+               if kind == "explicit" else kind)
+    spatial = []
+    for i in range(nd):
+        dk = (kernel_size[i] - 1) * dilations[i] + 1
+        lowest = dk if kind == "VALID" else max(1, dk - sum(padding[i])) if kind == "explicit" else 1
+        spatial.append(lowest + draw(extra))
+    return dict(kernel_size=kernel_size, dilation=dilations, strides=strides, padding=padding,
+                spatial=tuple(spatial))

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import jaxsparse
 from jaxsparse import sparse_conv
-from helpers import DTYPES, check_close, filter_with_empty_rows, random_input, ref_conv
+from helpers import DTYPES, check_close, draw_conv_geometry, filter_with_empty_rows, random_input, ref_conv
 
 pytestmark = pytest.mark.gpu
 
@@ -119,20 +119,11 @@ def test_lowers_to_custom_call_for_every_dtype_and_1d():
 @st.composite
 def gpu_cases(draw):
     nd = draw(st.sampled_from([1, 2]))
-    kernel_size = tuple(draw(st.integers(1, 4)) for _ in range(nd))
-    dilation = tuple(draw(st.sampled_from([1, 1, 2, 3])) for _ in range(nd))
-    strides = tuple(draw(st.sampled_from([1, 1, 2, 3])) for _ in range(nd))
-    kind = draw(st.sampled_from(["SAME", "VALID", "explicit"]))
-    padding = (tuple((draw(st.integers(0, 3)), draw(st.integers(0, 3))) for _ in range(nd))
-               if kind == "explicit" else kind)
-    spatial = []
-    for i in range(nd):
-        dk = (kernel_size[i] - 1) * dilation[i] + 1
-        lowest = dk if kind == "VALID" else max(1, dk - sum(padding[i])) if kind == "explicit" else 1
-        spatial.append(lowest + draw(st.integers(0, 20)))
+    geometry = draw_conv_geometry(draw, nd, kernel=st.integers(1, 4), dilation=st.sampled_from([1, 1, 2, 3]),
+                                  stride=st.sampled_from([1, 1, 2, 3]), extra=st.integers(0, 20))
     return dict(
-        kernel_size=kernel_size, dilation=dilation, strides=strides, padding=padding,
-        spatial=tuple(spatial), batch=draw(st.sampled_from([1, 1, 2, 3])),
+        **geometry,
+        batch=draw(st.sampled_from([1, 1, 2, 3])),
         cin=draw(st.sampled_from([1, 3, 4, 7, 8, 16, 24, 33])),
         cout=draw(st.sampled_from([1, 2, 5, 17, 32, 40])),
         sparsity=draw(st.sampled_from([0.0, 0.5, 0.9, 1.0])),

@@ -10,28 +10,17 @@ from jax import lax
 
 import jaxsparse
 from jaxsparse import sparse_conv
-from helpers import DTYPES, check_close, dense_from_filter, filter_with_empty_rows, random_input, ref_conv, resolve_padding
+from helpers import (DTYPES, check_close, dense_from_filter, draw_conv_geometry, filter_with_empty_rows,
+                     random_input, ref_conv, resolve_padding)
 
 
 @st.composite
 def conv_cases(draw, nd=None):
     nd = draw(st.sampled_from([1, 2])) if nd is None else nd
-    kernel_size = tuple(draw(st.integers(1, 3)) for _ in range(nd))
-    dilation = tuple(draw(st.integers(1, 3)) for _ in range(nd))
-    strides = tuple(draw(st.integers(1, 3)) for _ in range(nd))
-    kind = draw(st.sampled_from(["SAME", "VALID", "explicit"]))
-    if kind == "explicit":
-        padding = tuple((draw(st.integers(0, 3)), draw(st.integers(0, 3))) for _ in range(nd))
-    else:
-        padding = kind
-    spatial = []
-    for i in range(nd):
-        dk = (kernel_size[i] - 1) * dilation[i] + 1
-        lowest = dk if kind == "VALID" else max(1, dk - sum(padding[i])) if kind == "explicit" else 1
-        spatial.append(lowest + draw(st.integers(0, 5)))
+    geometry = draw_conv_geometry(draw, nd, kernel=st.integers(1, 3), dilation=st.integers(1, 3),
+                                  stride=st.integers(1, 3), extra=st.integers(0, 5))
     return dict(
-        nd=nd, kernel_size=kernel_size, dilation=dilation, strides=strides, padding=padding,
-        spatial=tuple(spatial),
+        nd=nd, **geometry,
         batch=draw(st.sampled_from([1, 1, 2, 3])),
         cin=draw(st.integers(1, 11)),
         cout=draw(st.integers(1, 11)),

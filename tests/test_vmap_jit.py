@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import jaxsparse
-from jaxsparse import SparseFilter, sparse_conv
+from jaxsparse import sparse_conv
 from helpers import DTYPES, check_close, dense_from_filter, random_input
 
 KW = dict(strides=(2, 1), padding=((1, 0), (2, 1)), rhs_dilation=(1, 2))

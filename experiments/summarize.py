@@ -176,17 +176,22 @@ def network_table(net):
 
 
 def whole_model_table(paths):
-    out, skipped = [], []
+    out, skipped, rows = [], [], []
     for path in paths:
         with open(path) as f:
             d = json.load(f)
         skipped += d.get("skipped", [])
-        for r in d["rows"]:
-            out.append([r["model"], r["batch"], MODE_LABEL[r["mode"]], r["sparsity"], fmt(r["dense_us"] / 1e3, ".3f"),
-                        fmt(r["sparse_us"] / 1e3, ".3f"), fmt(r["speedup"]),
-                        fmt(r.get("dense_kernel_us") and r["dense_kernel_us"] / 1e3, ".3f"),
-                        fmt(r.get("sparse_kernel_us") and r["sparse_kernel_us"] / 1e3, ".3f"),
-                        fmt(r["max_rel_diff"], ".1e")])
+        rows += d["rows"]
+    # One table ordered by model, batch, mode, sparsity, whichever device call measured the row; a
+    # configuration measured in two calls keeps both rows (the spread between calls is information).
+    modes = list(MODE_LABEL)
+    rows.sort(key=lambda r: (r["model"], r["batch"], modes.index(r["mode"]), r["sparsity"]))
+    for r in rows:
+        out.append([r["model"], r["batch"], MODE_LABEL[r["mode"]], r["sparsity"], fmt(r["dense_us"] / 1e3, ".3f"),
+                    fmt(r["sparse_us"] / 1e3, ".3f"), fmt(r["speedup"]),
+                    fmt(r.get("dense_kernel_us") and r["dense_kernel_us"] / 1e3, ".3f"),
+                    fmt(r.get("sparse_kernel_us") and r["sparse_kernel_us"] / 1e3, ".3f"),
+                    fmt(r["max_rel_diff"], ".1e")])
     measured = {(row[0], row[2], row[1]) for row in out}
     missing = [s for s in dict.fromkeys(skipped)
                if not any(s.startswith(m) and f"b{b}" in s and MODE_LABEL.get(s.split()[1]) == lab

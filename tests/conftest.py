@@ -73,11 +73,13 @@ def gpu_device():
 
 
 @pytest.fixture
-def dlmc_root():
-    from jaxsparse.dlmc import default_root
+def dlmc_root(monkeypatch):
+    from jaxsparse.dlmc import DEFAULT_ROOT_ENV, default_root
     root = default_root()
     if not (root / "rn50").is_dir() and (_REPO.parent / "shared" / "data" / "dlmc" / "rn50").is_dir():
         root = _REPO.parent / "shared" / "data" / "dlmc"  # tests run from another directory
     if not (root / "rn50").is_dir():
         pytest.skip(f"DLMC data not found at {root} (../shared/data/dlmc is absent)")
+    # code under test that looks the data up itself (experiments' make_filter) finds it too
+    monkeypatch.setenv(DEFAULT_ROOT_ENV, str(root))
     return root

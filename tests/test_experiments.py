@@ -6,6 +6,7 @@ import math
 import os
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -196,7 +197,10 @@ def test_network_tiny(tmp_path, parse_flags, capsys):
     assert len(rows) == (2 + 2 + 1) * 2
     for r in rows:
         assert r["finite"] and r["dense_ms"] > 0 and r["sparse_ms"] > 0 and r["out_rms"] > 0
-        assert r["max_rel_err"] < (1e-4 if r["dtype"] == "float32" else 3e-2), r
+        # float32 against a dense side that may use TF32 (the default precision on a GPU): 1e-2
+        exact_dense = r["dense_precision"] == "HIGHEST" or jax.default_backend() == "cpu"
+        tol = 3e-2 if r["dtype"] != "float32" else 1e-4 if exact_dense else 1e-2
+        assert r["max_rel_err"] < tol, r
         assert r["weight_bytes_sparse"] < r["weight_bytes_dense"]
     han = next(r for r in rows if r["sparsity"] == "han")
     profile = result["sparsity_profiles"]["vgg16"]["han"]

@@ -255,7 +255,7 @@ if has nn; then
 fi
 if has sharding_gpu; then  # on nvidia-h200-x2 / -x4: batch-sharded inference over every GPU
   start=$(date +%s)
-  (cd "$REPO/tests" && timeout ${SHARD_TIMEOUT:-300} python3 -m pytest -q -rs test_nn_sharding.py -p no:cacheprovider) > "$OUT/tests_sharding.log" 2>&1
+  (cd "$REPO/tests" && XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${SHARD_TIMEOUT:-300} python3 -m pytest -q -rs test_nn_sharding.py -p no:cacheprovider) > "$OUT/tests_sharding.log" 2>&1
   note "tests_sharding rc=$? ($(( $(date +%s) - start )) s): $(tail -1 "$OUT/tests_sharding.log")"
   grep -E "^(FAILED|ERROR|SKIPPED)" "$OUT/tests_sharding.log" | head -5 | tee -a "$SUMMARY"
 fi

@@ -16,7 +16,8 @@ concrete: at construction, in `from_dense`, `load_dlmc` and `astype`, and when a
 concrete filter reaches `jaxsparse.sparse_conv`. Filters rebuilt from traced
 leaves (inside jit, vmap, grad) are assumed valid; the native kernels still
 never read out of bounds (the CPU kernel checks the structure on every call and
-raises; the CUDA kernels skip out-of-range indices).
+raises; the CUDA kernels, which cannot raise without a sync, write NaN to the
+output channels of malformed rows).
 """
 
 from __future__ import annotations

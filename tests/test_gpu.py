@@ -223,11 +223,14 @@ def test_dlmc_patterns(dlmc_root, layer, hw, stride, sparsity):
                       padding="SAME" if f.kernel_size != (1, 1) else "VALID")
 
 
-# ---- malformed structure never reads out of bounds -------------------------------
+# ---- malformed structure: poisoned with NaN, never read out of bounds -------------
+# Filters rebuilt from traced arrays cannot be checked in Python, and the CUDA kernels cannot
+# raise without a device-to-host sync, so they poison: output channels whose CSR row is
+# malformed are NaN (every channel if the end pointers are wrong). The row-bucketed kernel
+# poisons per group of 16 channels, and everything if any pointer is disordered.
 
 def semantic_reference(x, data, indices, indptr, kernel_size, cin, cout):
-    """Dense kernel under the kernels' documented rule: out-of-range columns and
-    the entries of rows whose pointers are disordered are skipped."""
+    """Dense kernel of the rows' entries as stored (the result of the rows not poisoned)."""
     taps = int(np.prod(kernel_size)) * cin
     rows = np.zeros((cout, taps))
     nnz = len(indices)
@@ -239,28 +242,127 @@ def semantic_reference(x, data, indices, indptr, kernel_size, cin, cout):
     return rows.T.reshape(tuple(kernel_size) + (cin, cout))
 
 
+def poisoned_channels(indices, indptr, taps, cout, group=None):
+    """(must, may): channels the kernels must set to NaN, and may (per-group poisoning)."""
+    nnz = len(indices)
+    ends_bad = indptr[0] != 0 or indptr[-1] != nnz
+
+    def row_bad(r):
+        b, e = int(indptr[r]), int(indptr[r + 1])
+        return (ends_bad or b < 0 or e > nnz or b > e
+                or any(not 0 <= c < taps for c in indices[max(b, 0):min(e, nnz)]))
+
+    must = np.array([row_bad(r) for r in range(cout)])
+    if group is None:
+        return must, must
+    if np.any(np.diff(indptr) < 0):
+        return must, np.ones(cout, bool)
+    may = must.copy()
+    for g0 in range(0, cout, group):
+        may[g0:g0 + group] = must[g0:g0 + group].any()
+    return must, may
+
+
+def _bad_column(r, column):
+    def apply(indices, indptr, taps):
+        indices[indptr[r]] = column(taps)  # the row's first entry
+    return apply
+
+
+def _swap_pointers(r):
+    def apply(indices, indptr, taps):
+        indptr[r], indptr[r + 1] = indptr[r + 1], indptr[r]  # row r: begin > end
+    return apply
+
+
+def _shift_pointer(at, delta):
+    def apply(indices, indptr, taps):
+        indptr[at] += delta
+    return apply
+
+
+MALFORMED = {
+    "column_too_large": _bad_column(1, lambda taps: 10**6),
+    "column_negative": _bad_column(4, lambda taps: -3),
+    "column_equal_taps": _bad_column(17, lambda taps: taps),
+    "disordered_pointers": _swap_pointers(2),
+    "last_pointer_short": _shift_pointer(-1, -1),
+    "first_pointer_not_zero": _shift_pointer(0, 1),
+}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("ksize", [(1, 1), (3, 3)])
-def test_bad_indices_are_skipped(family, ksize):
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_filter_is_poisoned(family, ksize, case):
     rng = np.random.default_rng(11)
-    cin, cout = 8, 6
+    cin, cout = 8, 40  # three row-bucket groups of 16 (the last one partial)
+    taps = int(np.prod(ksize)) * cin
     f = jaxsparse.random_filter(3, ksize, cin, cout, 0.5)
-    indices = np.array(f.indices)
-    indices[::5] = 10**6
-    indices[1::7] = -3
-    indptr = np.array(f.indptr)
-    indptr[2], indptr[3] = indptr[3], indptr[2]  # a disordered row pointer
+    indices, indptr = np.array(f.indices), np.array(f.indptr)
+    assert np.all(np.diff(indptr) > 0), "every row needs an entry to break"
+    MALFORMED[case](indices, indptr, taps)
     bad = jaxsparse.SparseFilter(f.data, jnp.asarray(indices), jnp.asarray(indptr),
                                  kernel_size=ksize, in_channels=cin, out_channels=cout,
                                  validate=False)
     x = gpu_put(random_input(rng, (2, 9, 9, cin)))
+    bias = gpu_put(random_input(rng, (cout,)))
     with kernel_family(family):
-        out = np.asarray(jax.jit(lambda x, f: sparse_conv(x, f))(x, bad))
+        out = np.asarray(jax.jit(lambda x, f, b: sparse_conv(x, f, bias=b, activation="relu"))(x, bad, bias))
+    must, may = poisoned_channels(indices, indptr, taps, cout, group=16 if family == "rowbucket" else None)
+    assert must.any()
+    nan = np.isnan(out).reshape(-1, cout)
+    assert nan[:, must].all(), "malformed rows must be NaN at every pixel (through ReLU too)"
     kernel = semantic_reference(np.asarray(x), np.asarray(f.data, np.float64), indices, indptr,
                                 ksize, cin, cout)
-    ref = ref_conv(np.asarray(x), kernel, padding="SAME")
-    scale = ref_conv(np.asarray(x), kernel, padding="SAME", absolute=True)
-    assert np.all(np.abs(out - ref) <= 1e-5 * scale + 1e-30)
+    ref = ref_conv(np.asarray(x), kernel, padding="SAME", bias=np.asarray(bias), relu=True)
+    scale = ref_conv(np.asarray(x), kernel, padding="SAME", bias=np.asarray(bias), absolute=True)
+    for r in np.flatnonzero(~must):
+        if may[r] and nan[:, r].all():
+            continue  # poisoned with its row-bucket group
+        assert not nan[:, r].any(), f"row {r} is well formed"
+        assert np.all(np.abs(out[..., r] - ref[..., r]) <= 1e-5 * scale[..., r] + 1e-30), r
+
+
+def test_filter_grad_poisons_out_of_range_columns():
+    """The filter-gradient kernel gives an out-of-range column a NaN gradient, the rest exact."""
+    rng = np.random.default_rng(9)
+    cin, cout = 8, 12
+    f = jaxsparse.random_filter(3, (3, 3), cin, cout, 0.5)
+    x = gpu_put(random_input(rng, (2, 7, 7, cin)))
+    ind = np.array(f.indices)
+    j_bad = int(np.asarray(f.indptr)[1])
+    ind[j_bad] = 10**6
+
+    def loss(data, indices):
+        g = jaxsparse.SparseFilter(data, indices, f.indptr, kernel_size=(3, 3), in_channels=cin,
+                                   out_channels=cout, validate=False)
+        return jnp.sum(sparse_conv(x, g))  # d loss / d out = 1 everywhere, NaN rows or not
+
+    grad = jax.jit(jax.grad(loss))
+    bad = np.asarray(grad(f.data, jnp.asarray(ind)))
+    good = np.asarray(grad(f.data, f.indices))
+    assert np.isnan(bad[j_bad]) and np.isfinite(good).all()
+    keep = np.arange(f.nnz) != j_bad
+    np.testing.assert_allclose(bad[keep], good[keep], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_relu_keeps_nan_inputs(family):
+    """A NaN input stays NaN through the fused bias + ReLU, as with XLA's max(x, 0)."""
+    rng = np.random.default_rng(5)
+    f = jaxsparse.random_filter(4, (1, 1), 16, 24, 0.5)
+    assert np.all(np.diff(np.asarray(f.indptr)) > 0)
+    x = np.asarray(random_input(rng, (1, 4, 4, 16))).copy()
+    x[0, 1, 2, :] = np.nan
+    bias = np.full(24, -1e3, np.float32)  # ReLU clamps every finite output to 0
+    with kernel_family(family):
+        out = np.asarray(jax.jit(lambda x, f, b: sparse_conv(x, f, bias=b, activation="relu"))(
+            gpu_put(x), f, gpu_put(bias)))
+    assert np.isnan(out[0, 1, 2]).all()
+    mask = np.ones((4, 4), bool)
+    mask[1, 2] = False
+    assert np.all(out[0][mask] == 0.0)
 
 
 # ---- repeated calls agree (no races) ----------------------------------------------

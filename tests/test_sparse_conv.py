@@ -162,6 +162,20 @@ def test_bias_before_relu_and_all_zero_filter():
     np.testing.assert_array_equal(np.asarray(out), np.broadcast_to(np.asarray(bias), out.shape))
 
 
+def test_fused_relu_keeps_nan_inputs():
+    """A NaN input stays NaN through the fused bias + ReLU, as with XLA's max(x, 0)."""
+    rng = np.random.default_rng(5)
+    f = jaxsparse.random_filter(4, (1, 1), 16, 24, 0.5)
+    assert np.all(np.diff(np.asarray(f.indptr)) > 0)
+    x = np.asarray(random_input(rng, (1, 4, 4, 16))).copy()
+    x[0, 1, 2, :] = np.nan
+    out = np.asarray(jax.jit(lambda x: sparse_conv(x, f, bias=jnp.full(24, -1e3), activation="relu"))(x))
+    assert np.isnan(out[0, 1, 2]).all()
+    mask = np.ones((4, 4), bool)
+    mask[1, 2] = False
+    assert np.all(out[0][mask] == 0.0)
+
+
 def test_activation_spellings_agree():
     rng = np.random.default_rng(8)
     f = jaxsparse.random_filter(8, (3, 3), 3, 4, 0.5)

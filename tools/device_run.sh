@@ -97,13 +97,32 @@ for name, fam, n, h, w, cin, cout, k, s, pad, dt in cases:
     x = jnp.asarray(np.random.default_rng(0).standard_normal((n, h, w, cin)).astype(np.float32)).astype(dt)
     out = jax.jit(lambda x, f: sparse_conv(x, f, strides=s, padding=pad, bias=jnp.ones(cout, dt), activation="relu"))(x, f)
     print(name, out.shape, float(jnp.abs(out.astype(jnp.float32)).mean()), flush=True)
+# Malformed CSR (as a traced filter can be): poisoned rows, and no access out of bounds.
+if only and "malformed" in only:
+    for fam in ("direct", "naive", "rowbucket"):
+        os.environ["JAXSPARSE_GPU_KERNEL"] = fam
+        for variant in ("columns_and_disorder", "last_pointer_past_nnz"):
+            jax.clear_caches()
+            f = jaxsparse.random_filter(2, (3, 3), 24, 40, 0.5)
+            ind, ptr = np.array(f.indices), np.array(f.indptr)
+            if variant == "columns_and_disorder":
+                ind[ptr[1]], ind[ptr[20]] = 10**6, -3
+                ptr[2], ptr[3] = ptr[3], ptr[2]
+            else:
+                ptr[-1] += 5
+            bad = jaxsparse.SparseFilter(f.data, jnp.asarray(ind), jnp.asarray(ptr), kernel_size=(3, 3),
+                                         in_channels=24, out_channels=40, validate=False)
+            x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 9, 11, 24)).astype(np.float32))
+            out = jax.jit(lambda x, f: sparse_conv(x, f, activation="relu"))(x, bad)
+            nan_rows = np.isnan(np.asarray(out)).reshape(-1, 40).all(0)
+            print("malformed", fam, variant, "NaN rows:", np.flatnonzero(nan_rows).tolist(), flush=True)
 EOF
   export XLA_PYTHON_CLIENT_ALLOCATOR=platform
   # kns matches a substring of the kernel name: the tiled and naive kernels contain
   # "SparseConv", the opt-in row-bucketed ones "RowBucket" (checked in their own pass).
-  DEFAULT_CASES="direct3x3_f32 direct3x3_bf16 direct_s2_f16 kim_w5_f32 spmm1x1_f32 spmm1x1_bf16 proj1x1_s2_f32 naive3x3_f32"
+  DEFAULT_CASES="direct3x3_f32 direct3x3_bf16 direct_s2_f16 kim_w5_f32 spmm1x1_f32 spmm1x1_bf16 proj1x1_s2_f32 naive3x3_f32 malformed"
   PASSES=${SANITIZE_PASSES:-"SparseConv RowBucket"}
-  for pass in "SparseConv:$DEFAULT_CASES" "RowBucket:rowbucket3x3_f32 rowbucket3x5_bf16"; do
+  for pass in "SparseConv:$DEFAULT_CASES" "RowBucket:rowbucket3x3_f32 rowbucket3x5_bf16 malformed"; do
     [[ " $PASSES " == *" ${pass%%:*} "* ]] || continue
     kernels=${pass%%:*}; cases=${pass#*:}
     for tool in memcheck racecheck; do

@@ -5,6 +5,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <math_constants.h>  // CUDART_NAN_F, the poison of malformed CSR rows
 
 namespace jaxsparse {
 
@@ -16,6 +17,9 @@ __device__ __forceinline__ void StoreFromFloat(float* p, float v) { *p = v; }
 __device__ __forceinline__ void StoreFromFloat(__half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ void StoreFromFloat(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
+// ReLU that keeps NaN, as XLA's max(x, 0) and the CPU kernel do (fmaxf would turn NaN into 0,
+// hiding both NaN inputs and the NaN poison of malformed filter rows).
+__device__ __forceinline__ float ReluKeepNan(float v) { return v < 0.0f ? 0.0f : v; }
 
 // Loads 16 bytes of `T` (4 floats or 8 halves) through the read-only path and
 // converts them to float32. `p` must be 16-byte aligned.

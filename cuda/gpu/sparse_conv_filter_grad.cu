@@ -26,7 +26,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   const int64_t pixels = g.output_pixels();
   for (int64_t j = begin + warp; j < end; j += kWarpsPerBlock) {
     const int32_t c = indices[j];
-    float sum = 0.0f;
+    // An out-of-range column gets a NaN gradient (poison, as in the forward kernels).
+    float sum = (c >= 0 && c < taps) ? 0.0f : CUDART_NAN_F;
     if (c >= 0 && c < taps) {
       const int64_t ci = c % g.in_c, k = c / g.in_c;
       const int64_t dh = (k / g.kernel_w) * g.dilation_h - g.pad_h_lo;

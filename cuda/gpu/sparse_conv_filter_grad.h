@@ -9,8 +9,8 @@
 namespace jaxsparse {
 
 // grad[j] = sum over (n, oh, ow) of dy[n, oh, ow, r(j)] * x[n, ih(j), iw(j), ci(j)],
-// accumulated in float32. The geometry's out_* describe dy. Out-of-range
-// columns and disordered row pointers are skipped (their gradient is 0).
+// accumulated in float32. The geometry's out_* describe dy. Entries with an
+// out-of-range column get a NaN gradient; entries no well-formed row covers get 0.
 cudaError_t LaunchSparseConvFilterGrad(cudaStream_t stream, const ConvGeometry& g, ElementType type,
                                        const void* x, const void* dy, const int32_t* indices,
                                        const int32_t* indptr, void* grad);

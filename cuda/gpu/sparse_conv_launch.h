@@ -26,8 +26,10 @@ size_t SparseConvWorkspaceBytes(const ConvGeometry& g, ElementType type);
 
 // Enqueues the sparse convolution on `stream`, picking the kernel from the
 // geometry. `workspace` must hold SparseConvWorkspaceBytes(g, type) bytes.
-// Column indices outside [0, taps) and rows whose pointers are out of order
-// are skipped, never dereferenced.
+// Malformed CSR is never dereferenced out of bounds; it is poisoned: the output
+// channels of rows with an out-of-range column or disordered pointers are NaN
+// (all channels if indptr[0] != 0 or indptr[out_c] != nnz; the row-bucketed
+// kernel poisons whole 16-channel groups, and everything for disordered pointers).
 cudaError_t LaunchSparseConv(cudaStream_t stream, const ConvGeometry& g, ElementType type,
                              const SparseConvOperands& operands, void* workspace,
                              size_t workspace_bytes);

@@ -23,16 +23,22 @@ __global__ void SparseConvNaiveKernel(ConvGeometry g, SparseConvOperands op) {
     const int64_t ow = p % g.out_w, oh = (p / g.out_w) % g.out_h, n = p / (g.out_w * g.out_h);
     float acc = op.bias ? LoadAsFloat(static_cast<const T*>(op.bias) + r) : 0.0f;
     const int32_t begin = op.indptr[r], end = op.indptr[r + 1];
+    // Malformed CSR poisons the row with NaN (the rule of the tiled kernels).
+    bool bad = op.indptr[0] != 0 || op.indptr[g.out_c] != g.nnz || begin < 0 || end > g.nnz || begin > end;
     for (int32_t j = max(begin, 0); j < end && j < g.nnz; ++j) {
       const int32_t c = op.indices[j];
-      if (c < 0 || c >= taps) continue;
+      if (c < 0 || c >= taps) {
+        bad = true;
+        continue;
+      }
       const int64_t ci = c % g.in_c, k = c / g.in_c;
       const int64_t ih = oh * g.stride_h - g.pad_h_lo + (k / g.kernel_w) * g.dilation_h;
       const int64_t iw = ow * g.stride_w - g.pad_w_lo + (k % g.kernel_w) * g.dilation_w;
       if (ih < 0 || ih >= g.in_h || iw < 0 || iw >= g.in_w) continue;
       acc += LoadAsFloat(values + j) * LoadAsFloat(x + ((n * g.in_h + ih) * g.in_w + iw) * g.in_c + ci);
     }
-    if (g.relu) acc = fmaxf(acc, 0.0f);
+    if (bad) acc = CUDART_NAN_F;
+    if (g.relu) acc = ReluKeepNan(acc);
     StoreFromFloat(static_cast<T*>(op.out) + i, acc);
   }
 }

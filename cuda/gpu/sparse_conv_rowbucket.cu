@@ -5,8 +5,10 @@
 //    workspace): counting-sorts the group's nonzeros by key = ci * KH + kh and
 //    stores them as (code, weight) pairs, code = key << 8 | r << 3 | kw, plus
 //    the per-key prefix offsets. Entries of one bucket are ordered by code
-//    (deterministic sums). If indptr is not monotone / in range anywhere, every
-//    block flags its group and writes nothing else (no races on the workspace).
+//    (deterministic sums). If the end pointers are wrong or indptr is not
+//    monotone anywhere, every block flags its group; a group with an out-of-range
+//    column flags itself. A flagged block writes nothing else (no races on the
+//    workspace).
 // 2. Main kernel: a block owns an output tile and one row group. It copies the
 //    tile's input window (all Cin, float32, channel-major, row pitch a multiple
 //    of 4) to shared memory. Each warp owns a chunk of 256 virtual pixels (lane:
@@ -18,8 +20,8 @@
 //    KW = 3 a bucket has ~4.8 entries: 38 FFMA per 16 shared-memory wavefronts
 //    instead of one wavefront per FMA. Slices are summed in a fixed order
 //    through shared memory; bias/ReLU/conversion fused into the NHWC store.
-//    Groups whose CSR structure is malformed take a raw path: CSR entries are
-//    decoded in order (one bucket per entry), bad columns skipped.
+//    Flagged groups write NaN to all their output channels (malformed CSR is
+//    poisoned, never a plausible wrong result; the tiled kernels poison per row).
 // Accepts stride_w == 1, dilation_w == 1, KW <= 5, Cin * KH <= 8192; anything
 // else falls back to the default selection (sparse_conv_dispatch.cu).
 #include <cuda_bf16.h>
@@ -89,7 +91,7 @@ struct Plan {
 // ---- prep kernel: bucket the nonzeros of each row group by (ci, kh) ---------
 
 // Column c = (kh * KW + kw) * Cin + ci -> bucket key ci * KH + kh and tap kw.
-// False for a column outside [0, taps), which is skipped.
+// False for a column outside [0, taps) (the group is then poisoned).
 __device__ __forceinline__ bool DecodeColumn(const Args& a, int c, int* key, int* kw) {
   if (c < 0 || c >= a.taps) return false;
   const int k = static_cast<int>(a.div_cin.Div(static_cast<uint32_t>(c)));
@@ -116,7 +118,7 @@ RowBucketPrepKernel(Args a, const T* __restrict__ values, const int32_t* __restr
   // Global well-formedness (every block computes the same answer).
   for (int i = tid; i < a.out_c; i += kPrepThreads) {
     const int p0 = __ldg(indptr + i), p1 = __ldg(indptr + i + 1);
-    if (p0 > p1 || (i == 0 && p0 < 0) || (i == a.out_c - 1 && p1 > a.nnz)) bad = 1;
+    if (p0 > p1 || (i == 0 && p0 != 0) || (i == a.out_c - 1 && p1 != a.nnz)) bad = 1;
   }
   __syncthreads();
   if (bad) {
@@ -132,11 +134,18 @@ RowBucketPrepKernel(Args a, const T* __restrict__ values, const int32_t* __restr
     const int b = __ldg(indptr + r_lo + r), e = __ldg(indptr + r_lo + r + 1);
     for (int j = b + lane; j < e; j += 32) {
       int key, kw;
-      if (!DecodeColumn(a, __ldg(indices + j), &key, &kw)) continue;
+      if (!DecodeColumn(a, __ldg(indices + j), &key, &kw)) {
+        bad = 1;
+        continue;
+      }
       atomicAdd(&hist[key], 1);
     }
   }
   __syncthreads();
+  if (bad) {  // an out-of-range column in this group
+    if (tid == 0) status[grp] = 1;
+    return;
+  }
   // Exclusive scan over K keys: contiguous per-thread spans, then a scan of the partials.
   const int span = (K + kPrepThreads - 1) / kPrepThreads;
   const int k0 = min(K, tid * span), k1 = min(K, k0 + span);
@@ -390,31 +399,6 @@ RowBucketConvKernel(Args a, const typename Config::Element* __restrict__ x,
         run_batch(cnt);
         __syncwarp();
       }
-    } else if (slice == 0) {
-      // Malformed CSR: decode rows in order, skipping bad columns and disordered rows.
-      for (int r = 0; r < nr; ++r) {
-        const int rb = max(__ldg(indptr + r_lo + r), 0);
-        const int re = min(__ldg(indptr + r_lo + r + 1), a.nnz);
-        for (int j = rb; j < re; j += 32) {
-          const int cnt = min(32, re - j);
-          int2 m = make_int2(-1, 0);
-          if (lane < cnt) {
-            const int c = __ldg(indices + j + lane);
-            if (c >= 0 && c < a.taps) {
-              const int k = static_cast<int>(a.div_cin.Div(static_cast<uint32_t>(c)));
-              const int ci = c - k * a.in_c;
-              const int kh = static_cast<int>(a.div_kw.Div(static_cast<uint32_t>(k)));
-              const int kw = k - kh * a.kernel_w;
-              m.x = ((ci * a.kernel_h + kh) << 8) | (r << 3) | kw;
-              m.y = __float_as_int(LoadAsFloat(values + j + lane));
-            }
-          }
-          meta2[lane] = m;
-          __syncwarp();
-          run_batch(cnt);
-          __syncwarp();
-        }
-      }
     }
   }
   __syncthreads();  // the window is dead from here on: the staging tile aliases it
@@ -440,13 +424,15 @@ RowBucketConvKernel(Args a, const typename Config::Element* __restrict__ x,
   // ---- 4. staged results -> NHWC output with bias/ReLU/conversion.
   const T* bias_t = a.has_bias ? bias : nullptr;
   const int npix = th_n * tw_n;
+  const bool poisoned = status[grp] != 0;
   for (int i = tid; i < npix * kRows; i += kThreads) {
     const int q = i / kRows, r = i - q * kRows;
     if (r >= nr) continue;
     const int th = q / tw_n, ow = q - th * tw_n;
     float v = stage[(th * a.tile_w + ow) * kStagePitch + r];
     if (bias_t) v += LoadAsFloat(bias_t + r_lo + r);
-    if (a.relu) v = fmaxf(v, 0.0f);
+    if (poisoned) v = CUDART_NAN_F;
+    if (a.relu) v = ReluKeepNan(v);
     T* dst = out + ((static_cast<int64_t>(n) * a.out_h + oh0 + th) * a.out_w + ow0 + ow) * a.out_c;
     StoreFromFloat(dst + r_lo + r, v);
   }

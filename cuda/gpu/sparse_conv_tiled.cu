@@ -162,6 +162,11 @@ TiledSparseConvKernel(TileArgs a, const typename Config::Element* __restrict__ x
   const int row_step = a.dil_h * a.tile_cols;
   // Pixels of the tile this lane computes: virtual (affine) or real indices.
   const int npix = th_n * tw_n;  // real pixels (mode B)
+  // Malformed CSR (possible for filters rebuilt from traced arrays, which Python cannot check)
+  // poisons the affected output channels with NaN instead of yielding a plausible wrong result:
+  // every channel if the end pointers are wrong, else each row with disordered pointers or an
+  // out-of-range column. Nothing is ever read out of bounds either way.
+  const bool ends_bad = __ldg(indptr) != 0 || __ldg(indptr + a.out_c) != a.nnz;
 
   for (;;) {
     int task = 0;
@@ -197,6 +202,8 @@ TiledSparseConvKernel(TileArgs a, const typename Config::Element* __restrict__ x
     for (int j = 0; j < P; ++j) acc[j] = 0.0f;
 
     int begin = __ldg(indptr + row), end = __ldg(indptr + row + 1);
+    bool row_bad = ends_bad || begin < 0 || end > a.nnz || begin > end;  // warp-uniform
+    bool lane_bad = false;  // an out-of-range column decoded by this lane
     begin = max(begin, 0);
     end = min(end, a.nnz);
     const float* tq = tile + q0;
@@ -214,6 +221,8 @@ TiledSparseConvKernel(TileArgs a, const typename Config::Element* __restrict__ x
           const int kw = k - kh * a.kernel_w;
           m.x = ci * a.chan_stride + kh * row_step + kw * a.dil_w;
           m.y = __float_as_int(w);
+        } else {
+          lane_bad = true;  // applied as weight 0 at offset 0 (in bounds), then poisoned below
         }
       }
       meta2[lane] = m;
@@ -250,6 +259,10 @@ TiledSparseConvKernel(TileArgs a, const typename Config::Element* __restrict__ x
       }
       __syncwarp();
     }
+    if (__any_sync(0xffffffffu, lane_bad) || row_bad) {
+#pragma unroll
+      for (int j = 0; j < P; ++j) acc[j] = CUDART_NAN_F;
+    }
 #pragma unroll
     for (int j = 0; j < P; ++j)
       if (slot[j] >= 0) stage[slot[j] * a.out_pitch + rl] = acc[j];
@@ -265,7 +278,7 @@ TiledSparseConvKernel(TileArgs a, const typename Config::Element* __restrict__ x
     for (int r = lane; r < nrows; r += 32) {
       float v = src[r];
       if (bias_t) v += LoadAsFloat(bias_t + r_lo + r);
-      if (a.relu) v = fmaxf(v, 0.0f);
+      if (a.relu) v = ReluKeepNan(v);
       StoreFromFloat(dst + r, v);
     }
   }

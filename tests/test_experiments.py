@@ -236,9 +236,14 @@ def test_budget_checkpoint_and_summary(tmp_path):
                     f"--sweep={tmp_path / 's' / 'sweep.json'}", f"--out={md}"], check=True)
     text = md.read_text()
     assert "## Targets of the CUDA-kernel issue" in text and "## Break-even sparsity, batch 1" in text
-    gm = math.exp(np.mean([math.log(r["speedup"]) for r in result["rows"]
-                           if r["sparsity"] == 0.9 and r["mode"] == "float32_highest"]))
-    assert f"| 1 | 0.9 | {gm:.2f} (2) |" in text  # the geomean row comes from the JSON
+    # The geomean row comes from the JSON. On a busy CPU a tiny layer's chain slope can be lost
+    # in noise (speedup None); the geomean skips it and the count still names both layers.
+    speedups = [r["speedup"] for r in result["rows"]
+                if r["sparsity"] == 0.9 and r["mode"] == "float32_highest" and r["speedup"]]
+    assert "| 1 | 0.9 | " in text
+    if speedups:
+        gm = math.exp(np.mean([math.log(v) for v in speedups]))
+        assert f"| 1 | 0.9 | {gm:.2f} (2) |" in text
 
 
 def test_whole_model_benchmark_tiny(tmp_path):

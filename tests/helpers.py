@@ -135,6 +135,24 @@ def random_input(rng, shape, dtype=np.float32):
     return jnp.asarray(x.astype(dtype))
 
 
+def check_fused_relu_keeps_nan(conv):
+    """A NaN input stays NaN through the fused bias + ReLU, as with XLA's max(x, 0).
+
+    ``conv(x, f, bias)`` runs ``sparse_conv(x, f, bias=bias, activation="relu")`` (on the
+    device, with the kernel family of the caller's choice) and returns a NumPy array."""
+    rng = np.random.default_rng(5)
+    f = jaxsparse.random_filter(4, (1, 1), 16, 24, 0.5)
+    assert np.all(np.diff(np.asarray(f.indptr)) > 0)
+    x = np.asarray(random_input(rng, (1, 4, 4, 16))).copy()
+    x[0, 1, 2, :] = np.nan
+    bias = np.full(24, -1e3, np.float32)  # ReLU clamps every finite output to 0
+    out = conv(x, f, bias)
+    assert np.isnan(out[0, 1, 2]).all()
+    mask = np.ones((4, 4), bool)
+    mask[1, 2] = False
+    assert np.all(out[0][mask] == 0.0)
+
+
 def dense_from_filter(f: jaxsparse.SparseFilter) -> np.ndarray:
     """Dense HWIO kernel of a filter, built in NumPy straight from the CSR arrays."""
     data = np.asarray(f.data, np.float64)

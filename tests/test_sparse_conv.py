@@ -10,8 +10,8 @@ from jax import lax
 
 import jaxsparse
 from jaxsparse import sparse_conv
-from helpers import (DTYPES, check_close, dense_from_filter, draw_conv_geometry, filter_with_empty_rows,
-                     random_input, ref_conv, resolve_padding)
+from helpers import (DTYPES, check_close, check_fused_relu_keeps_nan, dense_from_filter, draw_conv_geometry,
+                     filter_with_empty_rows, random_input, ref_conv, resolve_padding)
 
 
 @st.composite
@@ -163,17 +163,8 @@ def test_bias_before_relu_and_all_zero_filter():
 
 
 def test_fused_relu_keeps_nan_inputs():
-    """A NaN input stays NaN through the fused bias + ReLU, as with XLA's max(x, 0)."""
-    rng = np.random.default_rng(5)
-    f = jaxsparse.random_filter(4, (1, 1), 16, 24, 0.5)
-    assert np.all(np.diff(np.asarray(f.indptr)) > 0)
-    x = np.asarray(random_input(rng, (1, 4, 4, 16))).copy()
-    x[0, 1, 2, :] = np.nan
-    out = np.asarray(jax.jit(lambda x: sparse_conv(x, f, bias=jnp.full(24, -1e3), activation="relu"))(x))
-    assert np.isnan(out[0, 1, 2]).all()
-    mask = np.ones((4, 4), bool)
-    mask[1, 2] = False
-    assert np.all(out[0][mask] == 0.0)
+    check_fused_relu_keeps_nan(lambda x, f, bias: np.asarray(jax.jit(
+        lambda x, f, b: sparse_conv(x, f, bias=b, activation="relu"))(x, f, bias)))
 
 
 def test_activation_spellings_agree():

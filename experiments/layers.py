@@ -421,7 +421,7 @@ def check_backend():
     import jax
     import jax.numpy as jnp
     from jaxsparse.benchmark import gpu_present, random_input
-    from jaxsparse.primitive import require_cuda
+    from jaxsparse.options import require_cuda
 
     if not require_cuda():
         return

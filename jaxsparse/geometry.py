@@ -49,3 +49,12 @@ def normalize_padding(padding, in_spatial: Sequence[int], kernel_size: Sequence[
 
 def output_size(size: int, kernel: int, stride: int, pad: tuple[int, int], dilation: int) -> int:
     return (size + pad[0] + pad[1] - ((kernel - 1) * dilation + 1)) // stride + 1
+
+
+def conv_output_shape(x_shape: Sequence[int], kernel_size: Sequence[int], strides: Sequence[int],
+                      padding: Sequence[tuple[int, int]], dilation: Sequence[int],
+                      out_channels: int) -> tuple[int, ...]:
+    """Shape of the channels-last result of a convolution of an (N, *spatial, Cin) input."""
+    spatial = tuple(output_size(s, k, st, p, d) for s, k, st, p, d in
+                    zip(x_shape[1:-1], kernel_size, strides, padding, dilation))
+    return (x_shape[0],) + spatial + (out_channels,)

@@ -47,11 +47,12 @@ class SparseConv(nn.Module):
     use_bias: bool = True
     dtype: tp.Any = None
     param_dtype: tp.Any = jnp.float32
-    precision: tp.Any = None  # accepted for compatibility; the kernels accumulate in exact float32
+    precision: tp.Any = None  # as linen.Conv (jaxsparse.options): HIGHEST keeps float32 exact
     kernel_init: tp.Callable = nn.initializers.lecun_normal()
     bias_init: tp.Callable = nn.initializers.zeros_init()
     sparsity: float = 0.9
     activation: str | None = None
+    kernel_family: str | None = None  # the static kernel option of sparse_conv (None: its default)
 
     @nn.compact
     def __call__(self, inputs, activation: str | None | tp.Literal[False] = False):
@@ -79,7 +80,8 @@ class SparseConv(nn.Module):
             inputs, data, indices, indptr, bias, kernel_size=ks, in_features=cin,
             out_features=self.features, strides=tup(self.strides),
             padding=canonicalize_padding(self.padding, nd), kernel_dilation=tup(self.kernel_dilation),
-            dtype=self.dtype, activation=self.activation if activation is False else activation)
+            dtype=self.dtype, activation=self.activation if activation is False else activation,
+            precision=self.precision, kernel_family=self.kernel_family)
 
 
 def variables_from_dense(kernel, bias=None, *, sparsity: float | None = None, mask=None, param_dtype=None):

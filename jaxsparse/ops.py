@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsparse.format import SUPPORTED_DTYPES, SparseFilter, SparseFilterError
-from jaxsparse.geometry import normalize_ints, normalize_padding, output_size
+from jaxsparse.geometry import conv_output_shape, normalize_ints, normalize_padding
+from jaxsparse.options import ConvOptions
 from jaxsparse.primitive import bind
 
 _ACTIVATIONS = {None: False, "relu": True}
@@ -24,14 +25,14 @@ def _relu_flag(activation) -> bool:
 
 
 def sparse_conv(x, filter: SparseFilter, *, strides=1, padding="SAME", rhs_dilation=1, bias=None,
-                activation=None) -> jax.Array:
+                activation=None, precision=None, kernel: str | None = None) -> jax.Array:
     """Convolution of ``x`` with an unstructured-sparse filter.
 
     Semantics are those of ``lax.conv_general_dilated(x, filter.todense(),
-    strides, padding, rhs_dilation=rhs_dilation,
+    strides, padding, rhs_dilation=rhs_dilation, precision=precision,
     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))`` (``NWC``/``WIO`` for 1-D
-    filters), computed in exact float32 arithmetic (never TF32), followed by
-    ``+ bias`` and the optional ReLU, fused in the kernel.
+    filters), followed by ``+ bias`` and the optional ReLU, fused in the kernel.
+    Accumulation is float32 for every dtype.
 
     Args:
       x: (N, H, W, Cin) for a 2-D filter, (N, W, Cin) for a 1-D one; float32,
@@ -41,6 +42,15 @@ def sparse_conv(x, filter: SparseFilter, *, strides=1, padding="SAME", rhs_dilat
       padding: 'SAME', 'VALID', or one (low, high) pair per spatial dimension.
       bias: None or an array of shape (Cout,), cast to the dtype of ``x``.
       activation: None or 'relu' (or ``jax.nn.relu``).
+      precision: as for `lax.conv_general_dilated` (`jaxsparse.options`):
+        ``HIGHEST`` forbids TF32 for float32 inputs; ``None`` (then
+        ``jax.default_matmul_precision``), ``DEFAULT`` and ``HIGH`` allow it.
+        No kernel uses TF32 yet, so float32 is computed exactly at every precision.
+      kernel: the kernel family, a static option: 'auto' (the planner
+        chooses; default, or ``$JAXSPARSE_KERNEL`` read at trace time), or on
+        CUDA 'direct', 'spmm' (1x1, stride 1, unpadded only), 'naive',
+        'rowbucket' (geometries it does not take use the planner's choice).
+        A family the platform lacks raises when the call is lowered.
     """
     if not isinstance(filter, SparseFilter):
         raise TypeError(f"filter must be a jaxsparse.SparseFilter, got {type(filter).__name__}")
@@ -69,6 +79,12 @@ def sparse_conv(x, filter: SparseFilter, *, strides=1, padding="SAME", rhs_dilat
     spatial = x.shape[1:-1]
     pads = normalize_padding(padding, spatial, filter.kernel_size, strides, dilation)
     relu = _relu_flag(activation)
+    options = ConvOptions.make(kernel, precision)
+    if options.kernel == "spmm" and not (all(k == 1 for k in filter.kernel_size) and
+                                          all(s == 1 for s in strides) and
+                                          all(p == (0, 0) for p in pads)):
+        raise ValueError("kernel='spmm' computes 1x1 convolutions with stride 1 and no padding only; "
+                         f"got kernel {filter.kernel_size}, strides {strides}, padding {pads}")
     if bias is None:
         bias_arr = jnp.zeros((0,), x.dtype)
     else:
@@ -77,13 +93,11 @@ def sparse_conv(x, filter: SparseFilter, *, strides=1, padding="SAME", rhs_dilat
             raise ValueError(f"bias must have shape ({filter.out_channels},), got {bias_arr.shape}")
         bias_arr = bias_arr.astype(x.dtype)
 
-    out_spatial = tuple(output_size(s, k, st, p, d)
-                        for s, k, st, p, d in zip(spatial, filter.kernel_size, strides, pads, dilation))
     if any(s + lo + hi < (k - 1) * d + 1
            for s, k, (lo, hi), d in zip(spatial, filter.kernel_size, pads, dilation)):
         raise ValueError(f"the filter (kernel {filter.kernel_size}, dilation {dilation}) is larger than "
                          f"the padded input {spatial} with padding {pads}")
-    out_shape = (x.shape[0],) + out_spatial + (filter.out_channels,)
+    out_shape = conv_output_shape(x.shape, filter.kernel_size, strides, pads, dilation, filter.out_channels)
     if 0 in out_shape:
         return jnp.zeros(out_shape, x.dtype)
 
@@ -94,5 +108,5 @@ def sparse_conv(x, filter: SparseFilter, *, strides=1, padding="SAME", rhs_dilat
     else:
         kernel_size = filter.kernel_size
     out = bind(x, filter.data, filter.indices, filter.indptr, bias_arr, kernel_size=kernel_size,
-               strides=strides, padding=pads, dilation=dilation, relu=relu)
+               strides=strides, padding=pads, dilation=dilation, relu=relu, options=options)
     return out[:, 0] if nd == 1 else out

@@ -1,28 +1,31 @@
-"""Batch partitioning of the `sparse_conv` custom call under `jax.sharding`.
+"""Batch partitioning of the native custom calls under `jax.sharding`.
 
 XLA cannot look inside an FFI custom call, so by default the SPMD partitioner
 replicates its operands: a batch-sharded ``x`` would be all-gathered onto every
-device and every device would convolve the whole batch. Here the native
-lowering goes through `jax.experimental.custom_partitioning` instead:
+device and every device would work on the whole batch. The native lowerings go
+through `jax.experimental.custom_partitioning` instead, described per primitive
+by a `BatchRule`:
 
-* sharding rule (Shardy): the batch dimension of ``x`` and of the result are one
-  factor, so a batch sharding passes straight through; every other dimension
-  (spatial, channels, the filter's ``data``/``indices``/``indptr``, the bias) is
-  a *need-replication* factor;
+* sharding rule (Shardy): the batch dimension of the batched operands (and of
+  the result, for the forward call) is one factor, so a batch sharding passes
+  straight through; every other dimension is a *need-replication* factor;
 * partition: each device runs the same custom call on its own batch shard with
-  the whole (replicated) filter. If ``x`` also arrives sharded along H, W or C,
-  those dimensions are gathered first (the kernel needs whole images).
+  the whole (replicated) filter. If an operand also arrives sharded along H, W
+  or C, those dimensions are gathered first (the kernels need whole images).
+  A result that sums over the batch (the filter gradient) is summed over the
+  devices (``psum``) after the local call.
 
 The call's attributes do not mention the batch size and the kernels read shapes
 from the buffers, so the per-device call needs nothing else. On one device, or
-inside a fully manual `shard_map`, `custom_partitioning` inlines the plain call.
+inside a fully manual `shard_map`, the plain call is emitted.
 
-This sits *below* the primitive (in its lowering), so `vmap`'s batching rule,
-abstract evaluation and the fallback lowering are unaffected.
+This sits *below* the primitives (in their lowerings): it knows nothing of
+them, so `vmap`, abstract evaluation and the fallback lowering are unaffected.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -31,30 +34,33 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxsparse.geometry import output_size
 
-# operands: x (N,H,W,C), data (nnz,), indices (nnz,), indptr (Cout+1,), bias (Cout,) or (0,)
-# result:   (N, OH, OW, Cout)
-SHARDING_RULE = "n h w c, z, z, p, b -> n oh ow o"
-NEED_REPLICATION = ("h", "w", "c", "z", "p", "b", "oh", "ow", "o")
-
-
-def _ffi_call(x, data, indices, indptr, bias, params):
-    """The raw FFI custom call (no primitive, so lowering it does not recurse)."""
-    from jaxsparse.primitive import conv_attributes
-    p = dict(params)
-    n, h, w, _ = x.shape
-    out_h = output_size(h, p["kernel_size"][0], p["strides"][0], p["padding"][0], p["dilation"][0])
-    out_w = output_size(w, p["kernel_size"][1], p["strides"][1], p["padding"][1], p["dilation"][1])
-    out = jax.ShapeDtypeStruct((n, out_h, out_w, indptr.shape[0] - 1), x.dtype)
-    return jax.ffi.ffi_call(p["target"], out)(
-        x, data, indices, indptr, bias, relu=np.int64(p["relu"]),
-        **conv_attributes(p["kernel_size"], p["strides"], p["padding"], p["dilation"]))
+@dataclasses.dataclass(frozen=True)
+class BatchRule:
+    """How one custom call partitions along the batch."""
+    sharding_rule: str                  # Shardy einsum-like rule over the operands and the result
+    need_replication: tuple[str, ...]   # every factor but the batch
+    batch_operands: tuple[int, ...]     # operands whose dimension 0 is the batch
+    sums_batch: bool                    # the result sums over the batch (no batch dimension)
 
 
-@functools.partial(custom_partitioning, static_argnums=(5,))
-def _partitioned_call(x, data, indices, indptr, bias, params):
-    return _ffi_call(x, data, indices, indptr, bias, params)
+@dataclasses.dataclass(frozen=True)
+class NativeCall:
+    """One FFI custom call: target, attributes (hashable), result type; callable on operands."""
+    target: str
+    attributes: tuple                   # ((name, int | tuple of ints), ...)
+    rule: BatchRule
+    result_shape: tuple[int, ...]       # the global result shape
+    result_dtype: str
+
+    def __call__(self, *operands):
+        shape = self.result_shape
+        if not self.rule.sums_batch:  # a local batch shard gives a local result shard
+            shape = (operands[0].shape[0],) + tuple(shape[1:])
+        attrs = {k: np.asarray(v, np.int64) if isinstance(v, tuple) else np.int64(v)
+                 for k, v in self.attributes}
+        result = jax.ShapeDtypeStruct(shape, np.dtype(self.result_dtype))
+        return jax.ffi.ffi_call(self.target, result)(*operands, **attrs)
 
 
 def _batch_axes(sharding):
@@ -65,23 +71,37 @@ def _batch_axes(sharding):
     return spec[0]
 
 
-def _infer_sharding(params, mesh, arg_shapes, result_shape):
-    return NamedSharding(mesh, P(_batch_axes(arg_shapes[0].sharding)))
+def _result_spec(call: NativeCall, batch):
+    return P() if call.rule.sums_batch else P(batch)
 
 
-def _partition(params, mesh, arg_shapes, result_shape):
+def _infer_sharding(call, mesh, arg_shapes, result_shape):
+    return NamedSharding(mesh, _result_spec(call, _batch_axes(arg_shapes[0].sharding)))
+
+
+def _partition(call, mesh, arg_shapes, result_shape):
     batch = _batch_axes(arg_shapes[0].sharding)
-    arg_shardings = (NamedSharding(mesh, P(batch)),) + tuple(NamedSharding(mesh, P()) for _ in range(4))
+    arg_shardings = tuple(NamedSharding(mesh, P(batch) if i in call.rule.batch_operands else P())
+                          for i in range(len(arg_shapes)))
 
-    def lower(x, data, indices, indptr, bias):
-        return _ffi_call(x, data, indices, indptr, bias, params)
+    def lower(*operands):
+        out = call(*operands)
+        if call.rule.sums_batch and batch is not None:
+            out = jax.lax.psum(out, batch)  # each device summed only its own images
+        return out
 
-    return mesh, lower, NamedSharding(mesh, P(batch)), arg_shardings
+    return mesh, lower, NamedSharding(mesh, _result_spec(call, batch)), arg_shardings
 
 
-_partitioned_call.def_partition(
-    infer_sharding_from_operands=_infer_sharding, partition=_partition,
-    sharding_rule=SHARDING_RULE, need_replication_factors=NEED_REPLICATION)
+def _def_partition(rule: BatchRule):
+    # custom_partitioning keeps one rule per function, so each BatchRule gets its own copy.
+    fn = custom_partitioning(lambda call, *operands: call(*operands), static_argnums=(0,))
+    fn.def_partition(infer_sharding_from_operands=_infer_sharding, partition=_partition,
+                     sharding_rule=rule.sharding_rule, need_replication_factors=rule.need_replication)
+    return fn
+
+
+_PARTITIONED: dict[BatchRule, object] = {}
 
 
 def _is_partitioned(ctx) -> bool:
@@ -98,16 +118,19 @@ def _is_partitioned(ctx) -> bool:
     return False
 
 
-def batch_partitioned_lowering(target: str):
-    """A lowering rule for the primitive to the native FFI ``target``, partitioned along the batch."""
-    def lowering(ctx, x, data, indices, indptr, bias, *, kernel_size, strides, padding, dilation, relu):
-        params = (("target", target), ("kernel_size", tuple(kernel_size)), ("strides", tuple(strides)),
-                  ("padding", tuple(map(tuple, padding))), ("dilation", tuple(dilation)),
-                  ("relu", bool(relu)))
-        call = _partitioned_call if _is_partitioned(ctx) else _ffi_call
-        return mlir.lower_fun(lambda *a: call(*a, params), multiple_results=False)(
-            ctx, x, data, indices, indptr, bias)
-    return lowering
+def lower_native_call(ctx, target: str, rule: BatchRule, attributes: dict, *operands):
+    """Lowers the FFI call ``target`` on ``operands``, partitioned along the batch where
+    the computation spans several devices. ``attributes``: name -> int or tuple of ints."""
+    aval = ctx.avals_out[0]
+    call = NativeCall(target, tuple(sorted(attributes.items())), rule, tuple(aval.shape),
+                      np.dtype(aval.dtype).name)
+    if _is_partitioned(ctx):
+        if rule not in _PARTITIONED:
+            _PARTITIONED[rule] = _def_partition(rule)
+        fn = functools.partial(_PARTITIONED[rule], call)
+    else:
+        fn = call
+    return mlir.lower_fun(fn, multiple_results=False)(ctx, *operands)
 
 
 def require_devices_during_lowering(prim) -> None:
@@ -119,23 +142,27 @@ def require_devices_during_lowering(prim) -> None:
         dispatch.prim_requires_devices_during_lowering.add(prim)
     except (ImportError, AttributeError) as e:  # pragma: no cover - depends on the JAX version
         import warnings
-        warnings.warn(f"jaxsparse: cannot mark sparse_conv for device-aware lowering ({e}); "
+        warnings.warn(f"jaxsparse: cannot mark {prim} for device-aware lowering ({e}); "
                       "batch-sharded inputs will be gathered", RuntimeWarning)
 
 
-def output_sharding_kwargs(x) -> dict:
-    """``sharding=`` for the result's abstract value under explicit sharding.
+def output_sharding_kwargs(x, *, batched: bool = True, ndim: int | None = None) -> dict:
+    """``sharding=`` for a result's abstract value under explicit sharding.
 
-    With `AxisType.Explicit` mesh axes the sharding is part of the type: the
-    result keeps ``x``'s batch sharding (the other dimensions are replicated),
-    so code after the call stays batch-sharded instead of being typed (and
-    gathered) as replicated. Empty when ``x`` carries no such sharding."""
+    With `AxisType.Explicit` mesh axes the sharding is part of the type. A
+    ``batched`` result keeps ``x``'s batch sharding (the other dimensions are
+    replicated), so code after the call stays batch-sharded instead of being
+    typed (and gathered) as replicated; otherwise the result (of rank ``ndim``)
+    is replicated. Empty when ``x`` carries no such sharding."""
     sharding = getattr(x, "sharding", None)
     spec = getattr(sharding, "spec", None)
     if spec is None or not hasattr(sharding, "update"):
         return {}
-    batch = spec[0] if len(spec) else None
+    if batched:
+        new_spec = P(spec[0] if len(spec) else None, *([None] * (x.ndim - 1)))
+    else:
+        new_spec = P(*([None] * ndim))
     try:
-        return {"sharding": sharding.update(spec=P(batch, *([None] * (x.ndim - 1))))}
+        return {"sharding": sharding.update(spec=new_spec)}
     except Exception:  # pragma: no cover - unusual sharding types
         return {}

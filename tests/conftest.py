@@ -31,7 +31,7 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 import jaxsparse  # noqa: E402
-from jaxsparse.primitive import require_cuda
+from jaxsparse.options import require_cuda
 
 # jit compiles inside examples, so no deadline; CI bounds the example count.
 settings.register_profile("ci", max_examples=20, deadline=None,

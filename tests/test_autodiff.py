@@ -13,7 +13,9 @@ from jax import lax
 from jax.test_util import check_grads
 
 import jaxsparse
-from jaxsparse.autodiff import filter_grad, sparse_conv_filter_grad_p, transpose_structure
+from jaxsparse.csr import transpose_structure
+from jaxsparse.filter_grad import filter_grad, sparse_conv_filter_grad_p
+from jaxsparse.options import ConvOptions
 
 CONFIGS = [
     # kernel_size, strides, padding, dilation
@@ -191,5 +193,5 @@ def test_filter_grad_primitive_is_registered():
     f, x, _ = _inputs((1, 1))
     dy = jnp.ones((2, 9, 8, 6), jnp.float32)
     out = filter_grad(jnp.asarray(x), dy, f.indices, f.indptr, kernel_size=(1, 1), strides=(1, 1),
-                      padding=((0, 0), (0, 0)), dilation=(1, 1))
+                      padding=((0, 0), (0, 0)), dilation=(1, 1), options=ConvOptions())
     assert out.shape == f.data.shape

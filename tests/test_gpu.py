@@ -2,12 +2,11 @@
 
 Every test is marked ``gpu``: conftest skips them without a GPU and fails them
 under ``JAXSPARSE_REQUIRE_CUDA=1``. Each kernel family the dispatcher can pick
-is exercised; the internal knob ``JAXSPARSE_GPU_KERNEL`` (naive | direct |
-spmm | rowbucket | auto; not public API) forces a family where it applies
-(rowbucket is opt-in only and falls back to the default choice for geometries
-it does not accept). It is read when
-the custom call runs, so executables are dropped (``jax.clear_caches``) when
-it changes.
+is exercised through the static option ``kernel`` (auto | direct | spmm |
+naive | rowbucket), here set through its Python-side default
+``JAXSPARSE_KERNEL`` (read at trace time; every helper traces anew), so that
+one context manager covers every call of a test (rowbucket falls back to the
+default choice for geometries it does not accept).
 """
 
 import contextlib
@@ -22,6 +21,7 @@ from hypothesis import strategies as st
 
 import jaxsparse
 from jaxsparse import sparse_conv
+from jaxsparse.options import KERNEL_ENV
 from helpers import (DTYPES, check_close, check_fused_relu_keeps_nan, draw_conv_geometry, filter_with_empty_rows,
                      random_input, ref_conv)
 
@@ -32,20 +32,15 @@ FAMILIES = ("auto", "direct", "naive", "rowbucket")
 
 @contextlib.contextmanager
 def kernel_family(family):
-    old = os.environ.get("JAXSPARSE_GPU_KERNEL")
-    if family == "auto":
-        os.environ.pop("JAXSPARSE_GPU_KERNEL", None)
-    else:
-        os.environ["JAXSPARSE_GPU_KERNEL"] = family
-    jax.clear_caches()
+    old = os.environ.get(KERNEL_ENV)
+    os.environ[KERNEL_ENV] = family
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop("JAXSPARSE_GPU_KERNEL", None)
+            os.environ.pop(KERNEL_ENV, None)
         else:
-            os.environ["JAXSPARSE_GPU_KERNEL"] = old
-        jax.clear_caches()
+            os.environ[KERNEL_ENV] = old
 
 
 def poison_allocator(shape, dtype, copies=3):

@@ -272,7 +272,7 @@ def test_sparsify_auto_with_injected_timer(tmp_path):
 def test_sparsify_auto_real_timer_one_layer(tmp_path):
     model = models.CNNNonStatic(30, 2, embed_dim=8, feature_maps=8, widths=(3,), rngs=nnx.Rngs(0))
     model.eval()
-    from jaxsparse.nn.sparsify import chain_timer
+    from jaxsparse.nn.timing import chain_timer
     x = model_input("cnn")
     new, report = sparsify(model, 0.9, policy="auto", sample_input=x % 30,
                            timer=lambda s, i: chain_timer(s, i, k_small=1, k_large=3, repeats=3),
@@ -292,7 +292,7 @@ def test_save_load_round_trip(tmp_path, name):
                          if False else 0.9)
     # one layer left dense so the checkpoint mixes both kinds
     convs = [p for p, n in nnx.iter_graph(sparse) if isinstance(n, SparseConv)]
-    from jaxsparse.nn.sparsify import set_by_path
+    from jaxsparse.nn.graph import set_by_path
     set_by_path(sparse, convs[1], sparse.features[1].to_dense() if name == "vgg" else
                 _get(sparse, convs[1]).to_dense())
     y = sparse(x)
@@ -311,9 +311,9 @@ def test_save_load_round_trip(tmp_path, name):
 
 
 def _get(model, path):
-    from jaxsparse.nn.sparsify import _get_child
+    from jaxsparse.nn.graph import get_child
     for p in path:
-        model = _get_child(model, p)
+        model = get_child(model, p)
     return model
 
 

@@ -226,6 +226,7 @@ def test_thread_count_does_not_change_result(monkeypatch):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_dense_fallback_lowering_matches(dtype):
     """The pure-JAX fallback (used where no native target exists) has the same semantics."""
+    from jaxsparse.options import ConvOptions
     from jaxsparse.primitive import _dense_fallback
     rng = np.random.default_rng(13)
     dt = DTYPES[dtype]
@@ -233,7 +234,8 @@ def test_dense_fallback_lowering_matches(dtype):
     x = random_input(rng, (2, 7, 6, 5), dt)
     bias = jnp.asarray(rng.standard_normal(6).astype(dt))
     out = _dense_fallback(x, f.data, f.indices, f.indptr, bias, kernel_size=(3, 2), strides=(2, 1),
-                          padding=((1, 0), (2, 1)), dilation=(1, 2), relu=True)
+                          padding=((1, 0), (2, 1)), dilation=(1, 2), relu=True,
+                          options=ConvOptions(precision=lax.Precision.HIGHEST))
     check_close(out, x, f.todense(), bias=bias, relu=True, strides=(2, 1),
                 padding=((1, 0), (2, 1)), rhs_dilation=(1, 2))
 

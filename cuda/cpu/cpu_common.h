@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <thread>
 #include <vector>
 
@@ -37,13 +36,10 @@ inline std::vector<float> ToFloat(ElementType type, const void* data, int64_t co
   return result;
 }
 
-// Threads to use: `requested`, else $JAXSPARSE_CPU_THREADS, else all hardware
-// threads; never more than there are work items.
+// Threads to use: `requested` (the FFI attribute `threads`), or all hardware
+// threads when it is 0; never more than there are work items.
 inline int ThreadCount(int requested, int64_t work_items) {
   int threads = requested;
-  if (threads <= 0) {
-    if (const char* env = std::getenv("JAXSPARSE_CPU_THREADS")) threads = std::atoi(env);
-  }
   if (threads <= 0) threads = static_cast<int>(std::thread::hardware_concurrency());
   threads = std::max(threads, 1);
   return static_cast<int>(std::min<int64_t>(threads, std::max<int64_t>(work_items, 1)));

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "conv_geometry.h"
+#include "conv_options.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jaxsparse {
@@ -34,6 +35,19 @@ struct SparseConvAttrs {
   ffi::Span<const int64_t> dilation;     // (DH, DW)
   int64_t relu;
 };
+
+// The `kernel` and `precision` attributes. `kernel_families` is how many
+// families (from the first) the calling platform has.
+inline ffi::Error DecodeOptions(int64_t kernel, int64_t precision, int64_t kernel_families,
+                                ConvOptions* options) {
+  if (kernel < 0 || kernel >= kernel_families)
+    return InvalidArgument("attribute kernel names no kernel family of this platform");
+  if (precision < 0 || precision >= kPrecisionCount)
+    return InvalidArgument("attribute precision must be 0 (DEFAULT), 1 (HIGH) or 2 (HIGHEST)");
+  options->kernel = static_cast<KernelFamily>(kernel);
+  options->precision = static_cast<Precision>(precision);
+  return ffi::Error::Success();
+}
 
 // Fills `g` and `type` from the operands shared by the forward op and its
 // filter gradient: input x (NHWC), output-shaped y (NHWC), a values-shaped

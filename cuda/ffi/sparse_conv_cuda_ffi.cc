@@ -18,12 +18,16 @@ ffi::Error SparseConvCudaImpl(cudaStream_t stream, ffi::ScratchAllocator scratch
                               ffi::Result<ffi::AnyBuffer> out,
                               ffi::Span<const int64_t> kernel_size,
                               ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding,
-                              ffi::Span<const int64_t> dilation, int64_t relu) {
+                              ffi::Span<const int64_t> dilation, int64_t relu,
+                              int64_t kernel, int64_t precision) {
   ConvGeometry g;
   ElementType type;
+  ConvOptions options;
   const SparseConvAttrs attrs{kernel_size, strides, padding, dilation, relu};
   if (ffi::Error e = DecodeSparseConv(x, values, indices, indptr, bias, *out, attrs, &g, &type);
       e.failure())
+    return e;
+  if (ffi::Error e = DecodeOptions(kernel, precision, kKernelFamilyCount, &options); e.failure())
     return e;
   SparseConvOperands op;
   op.x = x.untyped_data();
@@ -33,7 +37,7 @@ ffi::Error SparseConvCudaImpl(cudaStream_t stream, ffi::ScratchAllocator scratch
   op.bias = g.has_bias ? bias.untyped_data() : nullptr;
   op.out = out->untyped_data();
 
-  const size_t workspace_bytes = SparseConvWorkspaceBytes(g, type);
+  const size_t workspace_bytes = SparseConvWorkspaceBytes(g, type, options);
   void* workspace = nullptr;
   if (workspace_bytes > 0) {
     std::optional<void*> allocated = scratch.Allocate(workspace_bytes);
@@ -42,7 +46,7 @@ ffi::Error SparseConvCudaImpl(cudaStream_t stream, ffi::ScratchAllocator scratch
                         "jaxsparse sparse_conv: could not allocate the kernel workspace");
     workspace = *allocated;
   }
-  const cudaError_t status = LaunchSparseConv(stream, g, type, op, workspace, workspace_bytes);
+  const cudaError_t status = LaunchSparseConv(stream, g, type, options, op, workspace, workspace_bytes);
   if (status != cudaSuccess)
     return ffi::Error::Internal(std::string("jaxsparse sparse_conv: CUDA launch failed: ") +
                                 cudaGetErrorString(status));
@@ -55,11 +59,15 @@ ffi::Error SparseConvFilterGradCudaImpl(cudaStream_t stream, ffi::AnyBuffer x, f
                                         ffi::Span<const int64_t> kernel_size,
                                         ffi::Span<const int64_t> strides,
                                         ffi::Span<const int64_t> padding,
-                                        ffi::Span<const int64_t> dilation) {
+                                        ffi::Span<const int64_t> dilation, int64_t kernel,
+                                        int64_t precision) {
   ConvGeometry g;
   ElementType type;
+  ConvOptions options;  // one filter-gradient kernel, exact at every precision for now
   const SparseConvAttrs attrs{kernel_size, strides, padding, dilation, 0};
   if (ffi::Error e = DecodeGeometry(x, dy, *grad, indices, indptr, attrs, &g, &type); e.failure())
+    return e;
+  if (ffi::Error e = DecodeOptions(kernel, precision, kKernelFamilyCount, &options); e.failure())
     return e;
   const cudaError_t status = LaunchSparseConvFilterGrad(
       stream, g, type, x.untyped_data(), dy.untyped_data(),
@@ -89,7 +97,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseConvCudaHandler, SparseConvCudaImpl,
                                   .Attr<ffi::Span<const int64_t>>("strides")
                                   .Attr<ffi::Span<const int64_t>>("padding")
                                   .Attr<ffi::Span<const int64_t>>("dilation")
-                                  .Attr<int64_t>("relu"),
+                                  .Attr<int64_t>("relu")
+                                  .Attr<int64_t>("kernel")      // KernelFamily
+                                  .Attr<int64_t>("precision"),  // Precision
                               {ffi::Traits::kCmdBufferCompatible});
 
 }  // namespace jaxsparse
@@ -107,7 +117,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseConvFilterGradCudaHandler, SparseConvFilterG
                                   .Attr<ffi::Span<const int64_t>>("kernel_size")
                                   .Attr<ffi::Span<const int64_t>>("strides")
                                   .Attr<ffi::Span<const int64_t>>("padding")
-                                  .Attr<ffi::Span<const int64_t>>("dilation"),
+                                  .Attr<ffi::Span<const int64_t>>("dilation")
+                                  .Attr<int64_t>("kernel")
+                                  .Attr<int64_t>("precision"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 }  // namespace jaxsparse

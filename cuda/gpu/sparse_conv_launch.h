@@ -8,6 +8,7 @@
 #include <cuda_runtime_api.h>
 
 #include "conv_geometry.h"
+#include "conv_options.h"
 
 namespace jaxsparse {
 
@@ -22,16 +23,17 @@ struct SparseConvOperands {
 };
 
 // Bytes of device scratch the chosen kernel needs for this geometry.
-size_t SparseConvWorkspaceBytes(const ConvGeometry& g, ElementType type);
+size_t SparseConvWorkspaceBytes(const ConvGeometry& g, ElementType type, const ConvOptions& options);
 
 // Enqueues the sparse convolution on `stream`, picking the kernel from the
-// geometry. `workspace` must hold SparseConvWorkspaceBytes(g, type) bytes.
+// geometry and `options.kernel` (a forced family where it applies). `workspace`
+// must hold SparseConvWorkspaceBytes(g, type, options) bytes.
 // Malformed CSR is never dereferenced out of bounds; it is poisoned: the output
 // channels of rows with an out-of-range column or disordered pointers are NaN
 // (all channels if indptr[0] != 0 or indptr[out_c] != nnz; the row-bucketed
 // kernel poisons whole 16-channel groups, and everything for disordered pointers).
 cudaError_t LaunchSparseConv(cudaStream_t stream, const ConvGeometry& g, ElementType type,
-                             const SparseConvOperands& operands, void* workspace,
+                             const ConvOptions& options, const SparseConvOperands& operands, void* workspace,
                              size_t workspace_bytes);
 
 }  // namespace jaxsparse

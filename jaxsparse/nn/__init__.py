@@ -4,7 +4,8 @@ Needs ``flax`` (``pip install jaxsparse[nn]``).
 """
 
 from jaxsparse.nn.layers import SparseConv, SparseStructure, conv_relu
-from jaxsparse.nn.sparsify import LayerDecision, LayerSpec, SparsifyReport, TimingCache, sparsify
+from jaxsparse.nn.sparsify import LayerDecision, SparsifyReport, sparsify
+from jaxsparse.nn.timing import LayerSpec, TimingCache
 from jaxsparse.nn.checkpoint import load, save
 from jaxsparse.nn import models
 

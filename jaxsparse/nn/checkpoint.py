@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxsparse.nn.layers import SparseConv
-from jaxsparse.nn.sparsify import _get_child, path_str, set_by_path
+from jaxsparse.nn.graph import get_child, parse_path, path_str, set_by_path
 
 FORMAT = "jaxsparse.nn/1"
 
@@ -48,11 +48,11 @@ def load(path: str | os.PathLike, template, *, inplace: bool = False):
         raise ValueError(f"{path} is not a jaxsparse.nn checkpoint (format {metadata.get('format')!r})")
     model = template if inplace else nnx.clone(template)
     for key, entry in json.loads(metadata["sparse_convs"]).items():
-        parts = tuple(int(p) if p.isdigit() else p for p in key.split("/"))
+        parts = parse_path(key)
         node = model
         try:
             for p in parts:
-                node = _get_child(node, p)
+                node = get_child(node, p)
         except (AttributeError, KeyError, IndexError, TypeError):
             raise ValueError(f"the checkpoint has a sparse layer at {key!r}, which the template lacks") from None
         if not isinstance(node, (nnx.Conv, SparseConv)):

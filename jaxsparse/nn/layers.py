@@ -22,6 +22,7 @@ from flax.nnx.nn import initializers
 
 from jaxsparse.format import SUPPORTED_DTYPES, SparseFilter, magnitude_mask
 from jaxsparse.ops import sparse_conv
+from jaxsparse.options import canonical_precision, check_kernel, precision_from_json, precision_to_json
 
 default_kernel_init = initializers.lecun_normal()
 default_bias_init = initializers.zeros_init()
@@ -95,13 +96,15 @@ class SparseConv(nnx.Module):
         as `nnx.Conv`. ``padding``: 'SAME', 'VALID', 'CIRCULAR', 'REFLECT',
         'CAUSAL' (1-D), an int, or per-dimension ints / (low, high) pairs.
         ``param_dtype`` must be float32, bfloat16 or float16. ``precision`` is
-        accepted for compatibility and ignored: the sparse kernels accumulate in
-        float32 exactly (never TF32).
+        passed to `jaxsparse.sparse_conv` (``HIGHEST``: exact float32, never
+        TF32; `jaxsparse.options`).
       sparsity: fraction of the initial (``kernel_init``) weights pruned by
         magnitude (ignored when ``mask`` is given).
       mask: optional boolean mask of the kernel's shape: the nonzero pattern.
       activation: None or 'relu': applied after the bias, fused in the kernel
         (``__call__`` can override it per call).
+      kernel_family: the static ``kernel`` option of `jaxsparse.sparse_conv`
+        ('auto', or a forced family such as 'direct'); None: its default.
       input_dilation, feature_group_count: only the default 1 is supported.
     """
 
@@ -111,12 +114,14 @@ class SparseConv(nnx.Module):
                  kernel_dilation: int | tp.Sequence[int] | None = 1, feature_group_count: int = 1,
                  use_bias: bool = True, mask=None, dtype=None, param_dtype=jnp.float32,
                  precision=None, kernel_init=default_kernel_init, bias_init=default_bias_init,
-                 sparsity: float = 0.9, activation: str | None = None, rngs: nnx.Rngs | None = None,
+                 sparsity: float = 0.9, activation: str | None = None,
+                 kernel_family: str | None = None, rngs: nnx.Rngs | None = None,
                  _weights=None, _nnz: int | None = None):
         # _weights=(kernel, mask, bias) and _nnz are private: used by from_dense / from_structure.
         kernel_size = (kernel_size,) if isinstance(kernel_size, (int, np.integer)) else tuple(kernel_size)
         self._setup(kernel_size, in_features, out_features, strides, padding, input_dilation,
-                    kernel_dilation, feature_group_count, dtype, param_dtype, precision, activation)
+                    kernel_dilation, feature_group_count, dtype, param_dtype, precision, activation,
+                    kernel_family)
         if _nnz is not None:
             self.data = nnx.Param(jnp.zeros((_nnz,), self.param_dtype))
             self.indices = SparseStructure(jnp.zeros((_nnz,), jnp.int32))
@@ -137,7 +142,8 @@ class SparseConv(nnx.Module):
 
     # ---- construction helpers ------------------------------------------------
     def _setup(self, kernel_size, in_features, out_features, strides, padding, input_dilation,
-               kernel_dilation, feature_group_count, dtype, param_dtype, precision, activation):
+               kernel_dilation, feature_group_count, dtype, param_dtype, precision, activation,
+               kernel_family):
         if len(kernel_size) not in (1, 2):
             raise ValueError(f"SparseConv supports 1-D and 2-D kernels, got kernel_size={kernel_size}")
         if feature_group_count != 1:
@@ -163,7 +169,9 @@ class SparseConv(nnx.Module):
         self.feature_group_count = 1
         self.dtype = dtype
         self.param_dtype = param_dtype
+        canonical_precision(precision)  # a bad value fails here, not at the first call
         self.precision = precision
+        self.kernel_family = None if kernel_family is None else check_kernel(kernel_family)
         self.activation = activation
         if activation not in (None, "relu"):
             raise ValueError(f"activation must be None or 'relu', got {activation!r}")
@@ -179,7 +187,7 @@ class SparseConv(nnx.Module):
 
     @classmethod
     def from_dense(cls, conv: nnx.Conv, sparsity: float | None = None, *, mask=None,
-                   activation: str | None = None) -> "SparseConv":
+                   activation: str | None = None, kernel_family: str | None = None) -> "SparseConv":
         """A `SparseConv` computing ``conv`` with a pruned kernel.
 
         Exactly one way of choosing the kept weights: ``mask`` (a boolean array of
@@ -212,7 +220,8 @@ class SparseConv(nnx.Module):
                    padding=conv.padding, input_dilation=conv.input_dilation,
                    kernel_dilation=conv.kernel_dilation, feature_group_count=conv.feature_group_count,
                    use_bias=bias is not None, dtype=conv.dtype, param_dtype=kernel.dtype,
-                   precision=conv.precision, activation=activation, _weights=(kernel, mask, bias))
+                   precision=conv.precision, activation=activation, kernel_family=kernel_family,
+                   _weights=(kernel, mask, bias))
 
     @classmethod
     def from_structure(cls, config: dict, nnz: int) -> "SparseConv":
@@ -221,7 +230,9 @@ class SparseConv(nnx.Module):
         return cls(c["in_features"], c["out_features"], tuple(c["kernel_size"]), tuple(c["strides"]),
                    padding=_padding_from_json(c["padding"]), kernel_dilation=tuple(c["kernel_dilation"]),
                    use_bias=c["use_bias"], dtype=c["dtype"] and np.dtype(c["dtype"]),
-                   param_dtype=np.dtype(c["param_dtype"]), activation=c["activation"], _nnz=int(nnz))
+                   param_dtype=np.dtype(c["param_dtype"]), activation=c["activation"],
+                   precision=precision_from_json(c.get("precision")), kernel_family=c.get("kernel_family"),
+                   _nnz=int(nnz))
 
     def config(self) -> dict:
         """JSON-serialisable constructor arguments (for checkpoints)."""
@@ -231,7 +242,8 @@ class SparseConv(nnx.Module):
                     [list(p) for p in self.padding],
                     kernel_dilation=list(self.kernel_dilation), use_bias=self.use_bias,
                     dtype=None if self.dtype is None else np.dtype(self.dtype).name,
-                    param_dtype=np.dtype(self.param_dtype).name, activation=self.activation)
+                    param_dtype=np.dtype(self.param_dtype).name, activation=self.activation,
+                    precision=precision_to_json(self.precision), kernel_family=self.kernel_family)
 
     # ---- views ---------------------------------------------------------------
     @property
@@ -281,11 +293,12 @@ class SparseConv(nnx.Module):
             self.bias[...] if self.use_bias else None, kernel_size=self.kernel_size,
             in_features=self.in_features, out_features=self.out_features, strides=self.strides,
             padding=self.padding, kernel_dilation=self.kernel_dilation, dtype=self.dtype,
-            activation=activation)
+            activation=activation, precision=self.precision, kernel_family=self.kernel_family)
 
 
 def apply_sparse_conv(inputs, data, indices, indptr, bias, *, kernel_size, in_features, out_features,
-                      strides, padding, kernel_dilation, dtype, activation):
+                      strides, padding, kernel_dilation, dtype, activation, precision=None,
+                      kernel_family=None):
     """The `nnx.Conv`-style call shared by the NNX and Linen layers.
 
     ``padding`` is canonical (`canonicalize_padding`); leading batch dimensions
@@ -320,7 +333,7 @@ def apply_sparse_conv(inputs, data, indices, indptr, bias, *, kernel_size, in_fe
     filt = SparseFilter(data, indices, indptr, kernel_size=kernel_size, in_channels=in_features,
                         out_channels=out_features, validate=concrete)
     y = sparse_conv(inputs, filt, strides=strides, padding=padding, rhs_dilation=kernel_dilation,
-                    bias=bias, activation=activation)
+                    bias=bias, activation=activation, precision=precision, kernel=kernel_family)
     if batch_dims != 1:
         y = jnp.reshape(y, batch_shape + y.shape[1:])
     return y

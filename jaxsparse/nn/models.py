@@ -37,7 +37,7 @@ class VGG16(nnx.Module):
 
     def __init__(self, num_classes: int = 1000, *, width: float = 1.0, resolution: int = 224,
                  hidden: int = 4096, in_channels: int = 3, dropout: float = 0.5, dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, precision=None, rngs: nnx.Rngs):
         if resolution % 32:
             raise ValueError(f"resolution must be a multiple of 32, got {resolution}")
         self.resolution = resolution
@@ -48,13 +48,14 @@ class VGG16(nnx.Module):
                 continue
             c_out = _w(v, width)
             convs.append(nnx.Conv(c_in, c_out, (3, 3), padding="SAME", dtype=dtype,
-                                  param_dtype=param_dtype, rngs=rngs))
+                                  param_dtype=param_dtype, precision=precision, rngs=rngs))
             c_in = c_out
         self.features = nnx.List(convs)
         side = resolution // 32
-        self.fc1 = nnx.Linear(side * side * c_in, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc2 = nnx.Linear(hidden, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.head = nnx.Linear(hidden, num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        dense = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+        self.fc1 = nnx.Linear(side * side * c_in, hidden, **dense)
+        self.fc2 = nnx.Linear(hidden, hidden, **dense)
+        self.head = nnx.Linear(hidden, num_classes, **dense)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
     def __call__(self, x):
@@ -70,9 +71,9 @@ class VGG16(nnx.Module):
 class Bottleneck(nnx.Module):
     """ResNet v1.5 bottleneck: 1x1 -> 3x3 (stride) -> 1x1 (x4), projection shortcut when needed."""
 
-    def __init__(self, c_in: int, width: int, stride: int, *, dtype, param_dtype, rngs):
+    def __init__(self, c_in: int, width: int, stride: int, *, dtype, param_dtype, precision=None, rngs):
         c_out = 4 * width
-        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
         bn = dict(use_running_average=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.conv1 = nnx.Conv(c_in, width, (1, 1), **kw)
         self.bn1 = nnx.BatchNorm(width, **bn)
@@ -103,20 +104,21 @@ class ResNet50(nnx.Module):
 
     def __init__(self, num_classes: int = 1000, *, width: float = 1.0,
                  stage_sizes: tp.Sequence[int] = (3, 4, 6, 3), in_channels: int = 3, dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, precision=None, rngs: nnx.Rngs):
         stem = _w(64, width)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.stem = nnx.Conv(in_channels, stem, (7, 7), strides=2, padding=((3, 3), (3, 3)),
-                             use_bias=False, **kw)
+                             use_bias=False, precision=precision, **kw)
         self.stem_bn = nnx.BatchNorm(stem, use_running_average=True, **kw)
         blocks, c_in = [], stem
         for i, n in enumerate(stage_sizes):
             width_i = _w(64 * 2 ** i, width)
             for j in range(n):
-                blocks.append(Bottleneck(c_in, width_i, 2 if (j == 0 and i > 0) else 1, **kw))
+                blocks.append(Bottleneck(c_in, width_i, 2 if (j == 0 and i > 0) else 1, precision=precision,
+                                         **kw))
                 c_in = 4 * width_i
         self.blocks = nnx.List(blocks)
-        self.head = nnx.Linear(c_in, num_classes, **kw)
+        self.head = nnx.Linear(c_in, num_classes, precision=precision, **kw)
 
     def __call__(self, x):
         x = jax.nn.relu(self.stem_bn(self.stem(x)))
@@ -136,15 +138,16 @@ class CNNNonStatic(nnx.Module):
 
     def __init__(self, vocab_size: int, num_classes: int = 2, *, embed_dim: int = 300,
                  widths: tp.Sequence[int] = (3, 4, 5), feature_maps: int = 100, dropout: float = 0.5,
-                 embeddings=None, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 embeddings=None, dtype=None, param_dtype=jnp.float32, precision=None, rngs: nnx.Rngs):
         self.embed = nnx.Embed(vocab_size, embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if embeddings is not None:
             self.embed.embedding[...] = jnp.asarray(embeddings, param_dtype)
         self.convs = nnx.List([nnx.Conv(embed_dim, feature_maps, (w,), padding="VALID", dtype=dtype,
-                                        param_dtype=param_dtype, rngs=rngs) for w in widths])
+                                        param_dtype=param_dtype, precision=precision, rngs=rngs)
+                               for w in widths])
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         self.head = nnx.Linear(len(widths) * feature_maps, num_classes, dtype=dtype,
-                               param_dtype=param_dtype, rngs=rngs)
+                               param_dtype=param_dtype, precision=precision, rngs=rngs)
 
     def __call__(self, tokens):
         x = self.embed(tokens)                                           # (N, L, E)

@@ -1,4 +1,4 @@
-"""`sparsify`: magnitude-prune the convolutions of an NNX model and make them sparse.
+"""`sparsify`: magnitude-prune the convolutions of an NNX model and make them sparse (the policy).
 
 Every `nnx.Conv` the sparsity argument selects is pruned by magnitude (per
 layer). The pruned layer is then computed either by a `SparseConv` or, kept as
@@ -6,14 +6,14 @@ an `nnx.Conv` holding the pruned kernel, by XLA's dense convolution. The two
 compute the same function, so the model's outputs do not depend on the choice:
 
 * ``policy='sparse'`` / ``'dense'`` force the choice for every layer;
-* ``policy='auto'`` times both on the current device and keeps the faster, so a
-  sparsified model is never slower than the dense one layer for layer.
+* ``policy='auto'`` times both on the current device, each at the layer's own
+  dtype and precision and the sparse side with the kernel family that would
+  run, and keeps the faster, so a sparsified model is never slower than the
+  dense one layer for layer. Where no native sparse kernel exists on the device,
+  sparse counts as unavailable (the densify fallback is never timed).
 
-Timing goes through ``timer(spec: LayerSpec, impl: 'dense' | 'sparse') -> µs``.
-The default, `chain_timer`, uses `jaxsparse.benchmark.chain_time_us` (chain
-method, synchronised, median of repeats). Results are cached on disk (JSON)
-keyed by device kind, platform, JAX and jaxsparse versions, shapes, dtype,
-sparsity and batch (`TimingCache`). Tests inject deterministic timers.
+Timing and its on-disk cache: `jaxsparse.nn.timing`; graph surgery:
+`jaxsparse.nn.graph`.
 
 The per-layer input shapes ``policy='auto'`` needs are taken from
 ``sample_input`` (the model is traced once with `nnx.eval_shape`; nothing runs)
@@ -23,50 +23,24 @@ or given as ``input_shapes={path: shape}``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import pathlib
 import typing as tp
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxsparse.format import SUPPORTED_DTYPES, magnitude_mask
+from jaxsparse.nn.graph import capture_input_shapes, find_convs, path_str, set_by_path
 from jaxsparse.nn.layers import SparseConv, canonicalize_padding
+from jaxsparse.nn.timing import LayerSpec, TimingCache, chain_timer, native_sparse_unavailable
+from jaxsparse.options import canonical_precision, check_kernel
 
 POLICIES = ("sparse", "dense", "auto")
-CACHE_ENV = "JAXSPARSE_CACHE_DIR"
 
 
-# ---- specs, decisions, report ------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class LayerSpec:
-    """What the timer needs to know about one layer (hashable, JSON-serialisable)."""
-    path: str
-    input_shape: tuple[int, ...]        # (N, *spatial, Cin); N is the batch
-    kernel_shape: tuple[int, ...]       # HWIO / WIO
-    strides: tuple[int, ...]
-    padding: str | tuple[tuple[int, int], ...]
-    kernel_dilation: tuple[int, ...]
-    dtype: str                          # compute dtype
-    sparsity: float
-    use_bias: bool
-
-    @property
-    def batch(self) -> int:
-        return int(self.input_shape[0])
-
-    def cache_key(self) -> dict:
-        """Everything the time depends on (not the layer's name)."""
-        d = dataclasses.asdict(self)
-        d.pop("path")
-        d["sparsity"] = round(float(self.sparsity), 6)
-        d["batch"] = self.batch
-        return d
+# ---- decisions, report ---------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -90,6 +64,7 @@ class LayerDecision:
 class SparsifyReport:
     policy: str
     layers: list[LayerDecision]
+    cache_path: str | None = None       # where policy='auto' cached its timings
 
     def __iter__(self):
         return iter(self.layers)
@@ -107,7 +82,24 @@ class SparsifyReport:
         return {d.path: d.choice for d in self.layers}
 
     def to_json(self) -> dict:
-        return {"policy": self.policy, "layers": [dataclasses.asdict(d) for d in self.layers]}
+        return {"policy": self.policy, "cache_path": self.cache_path,
+                "layers": [dataclasses.asdict(d) for d in self.layers]}
+
+    def summary(self) -> str:
+        """One line: how many layers went which way, and why the dense ones stayed dense."""
+        counts = {c: sum(d.choice == c for d in self.layers) for c in ("sparse", "dense", "unchanged")}
+        reasons: dict[str, int] = {}
+        for d in self.layers:
+            if d.choice == "dense":
+                why = d.reason or ("dense was faster" if d.speedup is not None else "policy='dense'")
+                reasons[why] = reasons.get(why, 0) + 1
+        line = (f"policy={self.policy}: {counts['sparse']} sparse, {counts['dense']} dense, "
+                f"{counts['unchanged']} unchanged")
+        if reasons:
+            line += "; dense because: " + "; ".join(f"{why} ({n})" for why, n in reasons.items())
+        if self.cache_path:
+            line += f"; timings cached in {self.cache_path}"
+        return line
 
     def table(self) -> str:
         def fmt(v):
@@ -117,163 +109,10 @@ class SparsifyReport:
             s = "-" if d.sparsity is None else f"{d.sparsity:.3f}"
             rows.append(f"{d.path:<40} {s:>8} {fmt(d.dense_us):>10} {fmt(d.sparse_us):>10} "
                         f"{d.choice:>8}" + (f"  ({d.reason})" if d.reason else ""))
+        rows.append(self.summary())
         return "\n".join(rows)
 
     __str__ = table
-
-
-# ---- timing -----------------------------------------------------------------
-
-def _device_info() -> dict:
-    d = jax.devices()[0]
-    import jaxsparse
-    return {"device_kind": getattr(d, "device_kind", str(d)), "platform": d.platform,
-            "jax": jax.__version__, "jaxsparse": jaxsparse.__version__}
-
-
-class TimingCache:
-    """Timings on disk, one JSON object ``{key: µs}``; keys include the device and versions."""
-
-    def __init__(self, path: str | os.PathLike | None = None):
-        if path is None:
-            root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "jaxsparse")
-            path = os.path.join(root, "sparsify_timings.json")
-        self.path = pathlib.Path(path)
-        try:
-            self._entries = json.loads(self.path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            self._entries = {}
-
-    @staticmethod
-    def key(spec: LayerSpec, impl: str) -> str:
-        return json.dumps({**_device_info(), **spec.cache_key(), "impl": impl}, sort_keys=True)
-
-    def get(self, spec: LayerSpec, impl: str) -> float | None:
-        return self._entries.get(self.key(spec, impl))
-
-    def put(self, spec: LayerSpec, impl: str, us: float) -> None:
-        self._entries[self.key(spec, impl)] = float(us)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._entries, indent=1, sort_keys=True))
-        tmp.replace(self.path)
-
-    def __len__(self):
-        return len(self._entries)
-
-    def cached(self, timer: tp.Callable[[LayerSpec, str], float]) -> tp.Callable[[LayerSpec, str], float]:
-        def timed(spec, impl):
-            us = self.get(spec, impl)
-            if us is None:
-                us = float(timer(spec, impl))
-                self.put(spec, impl, us)
-            return us
-        return timed
-
-
-def layer_functions(spec: LayerSpec, seed: int = 0):
-    """(dense_fn, sparse_fn, x): both compute the pruned layer ``x -> y`` on random weights."""
-    from jaxsparse.format import SparseFilter
-    from jaxsparse.ops import sparse_conv
-    rng = np.random.default_rng(seed)
-    dtype = jnp.dtype(spec.dtype)
-    kernel = rng.standard_normal(spec.kernel_shape).astype(np.float32)
-    kernel = kernel * magnitude_mask(kernel, spec.sparsity)
-    cout = spec.kernel_shape[-1]
-    bias = jnp.asarray(rng.standard_normal(cout).astype(np.float32), dtype) if spec.use_bias else None
-    filt = SparseFilter.from_dense(kernel, sparsity=None, dtype=dtype)
-    nd = len(spec.kernel_shape) - 2
-    padding = spec.padding if isinstance(spec.padding, str) else tuple(map(tuple, spec.padding))
-    dense_kernel = jnp.asarray(kernel, dtype)
-    dn = ("NHWC", "HWIO", "NHWC") if nd == 2 else ("NWC", "WIO", "NWC")
-
-    def dense(x):
-        y = jax.lax.conv_general_dilated(x, dense_kernel, spec.strides, padding,
-                                         rhs_dilation=spec.kernel_dilation, dimension_numbers=dn)
-        return y if bias is None else y + bias
-
-    def sparse(x):
-        return sparse_conv(x, filt, strides=spec.strides, padding=padding,
-                           rhs_dilation=spec.kernel_dilation, bias=bias)
-
-    x = jnp.asarray(rng.standard_normal(spec.input_shape).astype(np.float32), dtype)
-    return dense, sparse, x
-
-
-def chain_timer(spec: LayerSpec, impl: str, **chain_kwargs) -> float:
-    """Per-call µs of the layer by the chain method (`jaxsparse.benchmark.chain_time_us`).
-
-    A convolution's output generally cannot feed its input (channels, stride),
-    so each chain step is ``x -> x + 1e-6 * mean(layer(x))``: a dependent chain
-    whose extra cost (one reduction of the output) is the same for both
-    implementations."""
-    from jaxsparse.benchmark import chain_time_us
-    dense, sparse, x = layer_functions(spec)
-    fn = {"dense": dense, "sparse": sparse}[impl]
-
-    def step(x):
-        return x + (1e-6 * jnp.mean(fn(x).astype(jnp.float32))).astype(x.dtype)
-
-    return float(chain_time_us(step, x, **chain_kwargs))
-
-
-# ---- graph helpers ----------------------------------------------------------
-
-def path_str(path: tuple) -> str:
-    return "/".join(str(p) for p in path)
-
-
-def find_convs(model) -> list[tuple[tuple, nnx.Conv]]:
-    return [(tuple(p), n) for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Conv)]
-
-
-def _get_child(node, key):
-    if isinstance(key, str) and not isinstance(node, (dict, tp.Mapping)) and hasattr(node, key):
-        return getattr(node, key)
-    return node[key]
-
-
-def set_by_path(model, path: tuple, value) -> None:
-    node = model
-    for key in path[:-1]:
-        node = _get_child(node, key)
-    key = path[-1]
-    if isinstance(key, str) and isinstance(node, nnx.Module):
-        setattr(node, key, value)
-    else:
-        node[key] = value
-
-
-class _ShapeRecorder(nnx.Module):
-    """Stands in for a conv while tracing the model, recording its input shape."""
-    sink: tp.ClassVar[dict] = {}
-
-    def __init__(self, conv, key: str):
-        self.conv = conv
-        self.key = key
-
-    def __call__(self, x, *args, **kwargs):
-        _ShapeRecorder.sink[self.key] = (tuple(x.shape), jnp.dtype(x.dtype).name)
-        return self.conv(x, *args, **kwargs)
-
-
-def capture_input_shapes(model, sample_input, call: tp.Callable | None = None) -> dict[str, tuple]:
-    """``{conv path: (input shape, input dtype)}`` from one abstract trace of the model."""
-    convs = find_convs(model)
-    call = call or (lambda m, x: m(x))
-    work = nnx.clone(model)
-    for path, conv in find_convs(work):
-        set_by_path(work, path, _ShapeRecorder(conv, path_str(path)))
-    _ShapeRecorder.sink = {}
-    try:
-        nnx.eval_shape(call, work, sample_input)
-        shapes = dict(_ShapeRecorder.sink)
-    finally:
-        _ShapeRecorder.sink = {}
-    missing = [path_str(p) for p, _ in convs if path_str(p) not in shapes]
-    if missing:
-        raise ValueError(f"these convolutions were not called on sample_input: {missing}")
-    return shapes
 
 
 # ---- sparsify ---------------------------------------------------------------
@@ -313,7 +152,7 @@ def _resolve_sparsity(sparsity, convs) -> dict[str, float | None]:
 def sparsify(model, sparsity, *, policy: str = "sparse", sample_input=None,
              input_shapes: tp.Mapping[str, tp.Sequence[int]] | None = None, call=None,
              batch_size: int | None = None, timer=None, cache: TimingCache | str | os.PathLike | bool = True,
-             inplace: bool = False):
+             kernel_family: str | None = None, progress: bool | None = None, inplace: bool = False):
     """Prunes and replaces the `nnx.Conv` layers of ``model``; returns ``(new_model, report)``.
 
     Args:
@@ -327,13 +166,20 @@ def sparsify(model, sparsity, *, policy: str = "sparse", sample_input=None,
         ``nnx.eval_shape(call, model, sample_input)`` (``call`` defaults to
         ``lambda m, x: m(x)``). Or give ``input_shapes={path: shape}``.
       batch_size: for 'auto': time at this batch instead of the input's.
-      timer: ``(LayerSpec, 'dense' | 'sparse') -> µs``; default `chain_timer`.
+      timer: ``(LayerSpec, 'dense' | 'sparse') -> µs`` (or a measurement with
+        ``us`` and ``ok``); default `jaxsparse.nn.timing.chain_timer`.
       cache: a `TimingCache`, a JSON path, True (the default location, see
         ``JAXSPARSE_CACHE_DIR``) or False (no cache).
+      kernel_family: the ``kernel`` option of the new `SparseConv` layers (None:
+        `sparse_conv`'s default); 'auto' times the sparse side with it.
+      progress: for 'auto': a progress bar per layer on stderr (default: on when
+        timing runs, i.e. no injected timer).
       inplace: modify ``model`` instead of a clone.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if kernel_family is not None:
+        check_kernel(kernel_family)
     new = model if inplace else nnx.clone(model)
     convs = find_convs(new)
     per_layer = _resolve_sparsity(sparsity, convs)
@@ -341,7 +187,7 @@ def sparsify(model, sparsity, *, policy: str = "sparse", sample_input=None,
         if s is not None and not 0.0 <= float(s) <= 1.0:
             raise ValueError(f"sparsity of {p} must be in [0, 1], got {s}")
 
-    shapes = {}
+    shapes, cache_path, no_native = {}, None, None
     if policy == "auto":
         if input_shapes is not None:
             shapes = {str(k): (tuple(v), None) for k, v in input_shapes.items()}
@@ -350,6 +196,8 @@ def sparsify(model, sparsity, *, policy: str = "sparse", sample_input=None,
         else:
             raise ValueError("policy='auto' needs sample_input (or input_shapes) to know each "
                              "layer's input shape")
+        if progress is None:
+            progress = timer is None
         timer = timer or chain_timer
         if cache is True:
             cache = TimingCache()
@@ -357,10 +205,18 @@ def sparsify(model, sparsity, *, policy: str = "sparse", sample_input=None,
             cache = TimingCache(cache)
         if isinstance(cache, TimingCache):
             timer = cache.cached(timer)
+            cache_path = str(cache.path)
+        no_native = native_sparse_unavailable()
 
+    layers = convs
+    if policy == "auto" and progress:
+        from tqdm.auto import tqdm
+        layers = tqdm(convs, desc="sparsify: timing dense vs sparse", unit="layer")
     decisions = []
-    for path, conv in convs:
+    for path, conv in layers:
         key = path_str(path)
+        if policy == "auto" and progress:
+            layers.set_postfix_str(key)
         s = per_layer[key]
         if s is None:
             decisions.append(LayerDecision(key, None, None, None, None, "unchanged"))
@@ -375,21 +231,23 @@ def sparsify(model, sparsity, *, policy: str = "sparse", sample_input=None,
         dense_us = sparse_us = None
         if why_not is not None:
             choice, reason = "dense", f"unsupported by SparseConv: {why_not}"
+        elif policy == "auto" and no_native:
+            choice, reason = "dense", f"sparse unavailable: {no_native}"
         elif policy == "auto":
-            spec = _spec(key, conv, shapes, s, batch_size)
+            spec = _spec(key, conv, shapes, s, batch_size, kernel_family or "auto")
             dense_us, sparse_us = float(timer(spec, "dense")), float(timer(spec, "sparse"))
             choice, reason = ("sparse" if sparse_us < dense_us else "dense"), ""
         else:
             choice, reason = policy, ""
         if choice == "sparse":
-            set_by_path(new, path, SparseConv.from_dense(conv, mask=mask))
+            set_by_path(new, path, SparseConv.from_dense(conv, mask=mask, kernel_family=kernel_family))
         else:
             conv.kernel[...] = jnp.asarray(kernel * mask, conv.kernel.dtype)
         decisions.append(LayerDecision(key, s, nnz, dense_us, sparse_us, choice, reason))
-    return new, SparsifyReport(policy, decisions)
+    return new, SparsifyReport(policy, decisions, cache_path)
 
 
-def _spec(key, conv: nnx.Conv, shapes, sparsity, batch_size) -> LayerSpec:
+def _spec(key, conv: nnx.Conv, shapes, sparsity, batch_size, kernel_family) -> LayerSpec:
     if key not in shapes:
         raise ValueError(f"no input shape for {key}; known: {sorted(shapes)}")
     shape, in_dtype = shapes[key]
@@ -402,6 +260,7 @@ def _spec(key, conv: nnx.Conv, shapes, sparsity, batch_size) -> LayerSpec:
         dtype = jnp.dtype(conv.dtype)
     else:
         dtype = jnp.promote_types(in_dtype or conv.kernel.dtype, conv.kernel.dtype)
+
     def tup(v):
         return tuple(int(a) for a in np.broadcast_to(1 if v is None else v, (nd,)))
 
@@ -411,4 +270,5 @@ def _spec(key, conv: nnx.Conv, shapes, sparsity, batch_size) -> LayerSpec:
     elif padding == "CAUSAL":
         padding = ((tup(conv.kernel_dilation)[0] * (conv.kernel_size[0] - 1), 0),)
     return LayerSpec(key, shape, tuple(conv.kernel.shape), tup(conv.strides), padding,
-                     tup(conv.kernel_dilation), jnp.dtype(dtype).name, float(sparsity), conv.bias is not None)
+                     tup(conv.kernel_dilation), jnp.dtype(dtype).name, float(sparsity), conv.bias is not None,
+                     precision=canonical_precision(conv.precision).name, kernel_family=kernel_family)

@@ -1,39 +1,45 @@
-"""Layer benchmark of issue 3: jaxsparse.sparse_conv vs XLA's dense convolution on the GPU.
+r"""Layer benchmark of issue 3: jaxsparse.sparse_conv vs XLA's dense convolution on the GPU.
 
 Sparse and dense at the same dtype, in the same run, by the same method:
 
 * per-op time under jit by the chain method (`jaxsparse.benchmark.chain_time_us`,
-  K = 4 and 20; Cin != Cout layers chained with their mirror layer, per pair);
+  K = 4 and 20 on a GPU; Cin != Cout layers chained with their mirror layer, per pair);
 * GPU kernel time per call from a profiler trace (`kernel_time_us`), for every
   layer, including those that cannot be chained (stride-2 projections, the
   sentence CNN);
 * for the stride-1 ResNet-50 1x1 layers also `jax.experimental.sparse` BCSR
   (cuSPARSE) in channel-major form, float32.
 
-Reports µs, speedup, effective TFLOP/s (2 nnz N Ho Wo / t) and break-even
-sparsity (sparse time fitted linearly in density over the measured sparsities).
+Every chain time is checked, also against twice the measured matmul peak of its mode (the
+largest of the modes sharing a sparse or BCSR time); rows keep the check (``dense_check``,
+``sparse_check``, ``bcsr_check``; details in ``*_timing``). A fallback time is printed
+``[fallback: ...]`` and left out of the chain break-even.
 
-  python experiments/layer_benchmark.py --suite=targets --out=/tmp/bench.json
+Reports µs, speedup, effective TFLOP/s (2 nnz N Ho Wo / t) and the break-even sparsity
+(`breakeven.py`, on chain and on kernel time). Writes ``layer_benchmark.json`` (the result
+envelope of ``common.py``) to ``--out``, after every measurement.
+
+    python3 experiments/layer_benchmark.py --parts=vgg1,kim --out=/tmp/bench
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import sys
 import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import breakeven
+import common
+import layers as L
+import tables as T
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", "", "JSON output path (default experiments/results/layer_benchmark_<platform>.json).")
+common.define_flags("k_small", "k_large", "bcsr", "budget_s", "out",
+                    modes=["float32_highest", "float32", "bfloat16"], repeats=10)
 flags.DEFINE_list("parts", ["vgg1", "r50", "kim", "vgg32"],
                   "Parts to run: vgg1 (VGG-16 batch 1), vgg32 (batch 32 sweep), r50 (ResNet-50 1x1, "
                   "DLMC), kim (sentence CNN).")
-flags.DEFINE_list("modes", ["float32_highest", "float32", "bfloat16"], "Precision modes (see layers.MODES).")
 flags.DEFINE_list("vgg1_layers", ["conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv4_1",
                                   "conv4_2", "conv5_1"], "VGG-16 layers at batch 1 (distinct shapes).")
 flags.DEFINE_list("vgg1_sparsity", ["0.9", "0.95"], "Sparsities at batch 1.")
@@ -47,12 +53,7 @@ flags.DEFINE_list("r50_layers", ["r50.g1.reduce", "r50.g2.reduce", "r50.g3.reduc
 flags.DEFINE_list("r50_sweep_sparsity_kinds", ["pair"], "Chain kinds swept over all r50 sparsities "
                   "(others at 0.9 only).")
 flags.DEFINE_list("kim_batch", ["1", "50"], "Sentence CNN batch sizes.")
-flags.DEFINE_integer("k_small", 4, "Chain length K small.")
-flags.DEFINE_integer("k_large", 20, "Chain length K large.")
-flags.DEFINE_integer("repeats", 10, "Timed calls per chain measurement (median).")
 flags.DEFINE_bool("chain", True, "Measure chain times (else kernel time only).")
-flags.DEFINE_bool("bcsr", True, "Measure jax.experimental.sparse BCSR for stride-1 1x1 layers.")
-flags.DEFINE_float("time_budget_s", 0.0, "Stop starting new measurements after this many seconds (0: none).")
 
 
 def main(argv):
@@ -62,30 +63,41 @@ def main(argv):
     import numpy as np
 
     from jaxsparse import benchmark as bm
-    import layers as L
 
-    L.check_backend()
+    common.check_backend()
     t_start = time.time()
-    out_path = FLAGS.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                         f"layer_benchmark_{jax.devices()[0].platform}.json")
-    rows = []
+    out_path = common.output_path(FLAGS.out or common.default_out("layer_benchmark"), "layer_benchmark.json")
+    k_small, k_large = common.auto_chain(FLAGS.k_small, FLAGS.k_large)
+    repeats = common.auto_repeats(FLAGS.repeats)
+    rows, skipped = [], []
     env = bm.environment()
     print("env", env, flush=True)
 
-    def over_budget():
-        return FLAGS.time_budget_s and time.time() - t_start > FLAGS.time_budget_s
+    def over_budget(what: str) -> bool:
+        if FLAGS.budget_s and time.time() - t_start > FLAGS.budget_s:
+            skipped.append(what)
+            return True
+        return False
 
     def save():
-        os.makedirs(os.path.dirname(os.path.abspath(out_path)) or ".", exist_ok=True)
-        with open(out_path, "w") as fh:
-            json.dump({"env": env, "flags": {k: getattr(FLAGS, k) for k in (
-                "parts", "modes", "k_small", "k_large", "repeats")}, "rows": rows}, fh, indent=1)
+        common.write_result(common.envelope("layer_benchmark", common.flag_values(__name__), rows, t_start,
+                                            skipped, env, peaks_tflops=peaks, break_even=break_even(rows)),
+                            out_path)
 
-    def chain_us(steps, x):
+    peaks = {}  # measured matmul peak (TFLOP/s) per mode, once per mode
+
+    def chain_us(steps, x, flops, modes):
+        """Checked chain time; not faster than twice the largest peak of ``modes`` (which share it)."""
         if not FLAGS.chain:
             return None
-        return bm.chain_time_us(steps, x, k_small=FLAGS.k_small, k_large=FLAGS.k_large,
-                                repeats=FLAGS.repeats, warmup=2)
+        for m in modes:
+            if m not in peaks:
+                peaks[m] = bm.matmul_peak_tflops(L.mode_dtype(m), precision=L.mode_precision(m))
+        return bm.chain_time_us(steps, x, k_small=k_small, k_large=k_large, repeats=repeats, warmup=2,
+                                flops=flops, peak_tflops=max((peaks[m] for m in modes), default=None))
+
+    def same_dtype(dtype):
+        return [m for m in FLAGS.modes if L.MODES[m][0] == dtype]
 
     def kern_us(fn, *args):
         r = bm.kernel_time_us(fn, *args, calls=5, warmup=2)
@@ -105,8 +117,8 @@ def main(argv):
         nnz = filt.nnz + (mfilt.nnz if mfilt else 0)
         ho, wo = layer.out_hw
         for mode in modes:
-            if over_budget():
-                return
+            if over_budget(f"{layer.name} b{batch} s{sparsity:g} {mode}"):
+                continue
             dt = L.mode_dtype(mode)
             prec = L.mode_precision(mode)
             x = bm.random_input(layer.input_shape(batch), dt, seed=1)
@@ -126,30 +138,32 @@ def main(argv):
                 return jax.jit(run)
 
             # The sparse kernels compute in exact float32 at every float32 mode: measure once.
+            flops = 2.0 * nnz * batch * ho * wo
             skey = (layer.name, batch, sparsity, pattern, str(dt), kind)
             if skey not in sparse_cache:
-                sc = chain_us(steps_s, x) if kind != "none" else None
+                sc = chain_us(steps_s, x, flops, same_dtype(L.MODES[mode][0])) if kind != "none" else None
                 sk = kern_us(one(steps_s), x)
                 sparse_cache[skey] = (sc, sk)
             sc, sk = sparse_cache[skey]
             dkey = (layer.name, batch, mode, kind)
             if dkey not in dense_cache:
-                dense_cache[dkey] = (chain_us(steps_d, x) if kind != "none" else None,
+                dense_flops = layer.dense_flops(batch) + (mirror.dense_flops(batch) if mirror else 0.0)
+                dense_cache[dkey] = (chain_us(steps_d, x, dense_flops, [mode]) if kind != "none" else None,
                                      kern_us(one(steps_d), x))
             dc, dk = dense_cache[dkey]
-            flops = 2.0 * nnz * batch * ho * wo
             row = dict(layer=layer.name, model=layer.model, shape=layer.describe(), batch=batch,
                        sparsity=sparsity, pattern=used, mode=mode, chain_kind=kind, nnz=nnz,
                        sparse_chain_us=sc, dense_chain_us=dc, sparse_kernel_us=sk, dense_kernel_us=dk,
                        speedup_chain=(dc / sc) if sc and dc and sc > 0 else None,
                        speedup_kernel=(dk / sk) if sk and dk and sk > 0 else None,
                        sparse_tflops_kernel=flops / (sk * 1e-6) / 1e12 if sk else None,
-                       sparse_tflops_chain=flops / (sc * 1e-6) / 1e12 if sc and sc > 0 else None)
+                       sparse_tflops_chain=flops / (sc * 1e-6) / 1e12 if sc and sc > 0 else None,
+                       **T.check_fields("sparse", sc), **T.check_fields("dense", dc))
             rows.append(row)
             print(f"{layer.name:22s} {'+mirror' if mirror else '':7s} b{batch:<3d} s={sparsity:<5} {mode:16s} "
                   f"chain sparse {fmt(sc)} dense {fmt(dc)} x{fmt(row['speedup_chain'], 5, 2)} | "
                   f"kernel sparse {fmt(sk)} dense {fmt(dk)} x{fmt(row['speedup_kernel'], 5, 2)} | "
-                  f"{fmt(row['sparse_tflops_kernel'], 5, 2)} TFLOP/s", flush=True)
+                  f"{fmt(row['sparse_tflops_kernel'], 5, 2)} TFLOP/s{fallback_note(row)}", flush=True)
             save()
 
     def measure_bcsr(layer, batch, sparsity):
@@ -160,7 +174,7 @@ def main(argv):
         except Exception:
             pass
         mirror = layer.mirror
-        if mirror is None or over_budget():
+        if mirror is None or over_budget(f"{layer.name} b{batch} s{sparsity:g} BCSR"):
             return
         filt = L.make_filter(layer, sparsity, "dlmc")[0]
         mfilt = L.make_filter(mirror, sparsity, "dlmc")[0]
@@ -173,14 +187,15 @@ def main(argv):
         p = batch * layer.out_pixels
         x = bm.random_input((layer.cin, p), jnp.float32, seed=1)
         steps = [lambda x, a=a: a @ x, lambda x, b=b: b @ x]
-        sc = chain_us(steps, x)
+        sc = chain_us(steps, x, 2.0 * (filt.nnz + mfilt.nnz) * p, same_dtype("float32"))
         sk = kern_us(jax.jit(lambda x: b @ (a @ x)), x)
         rows.append(dict(layer=layer.name, model=layer.model, shape=layer.describe(), batch=batch,
                          sparsity=sparsity, pattern="dlmc", mode="float32", chain_kind="pair",
                          nnz=filt.nnz + mfilt.nnz, impl="jax.experimental.sparse.BCSR",
-                         bcsr_chain_us=sc, bcsr_kernel_us=sk))
-        print(f"{layer.name:22s} +mirror b{batch:<3d} s={sparsity:<5} BCSR float32     chain {fmt(sc)} kernel {fmt(sk)}",
-              flush=True)
+                         bcsr_chain_us=sc, bcsr_kernel_us=sk,
+                         **T.check_fields("bcsr", sc)))
+        print(f"{layer.name:22s} +mirror b{batch:<3d} s={sparsity:<5} BCSR float32     chain {fmt(sc)} kernel {fmt(sk)}"
+              f"{fallback_note(rows[-1])}", flush=True)
         save()
 
     by_name = {l.name.split(".")[-1]: l for l in L.VGG16}
@@ -216,13 +231,11 @@ def main(argv):
     for p in FLAGS.parts:  # in the order given
         parts[p]()
 
-    summary = break_even(rows)
-    with open(out_path, "w") as fh:
-        json.dump({"env": env, "flags": {k: getattr(FLAGS, k) for k in (
-            "parts", "modes", "k_small", "k_large", "repeats")}, "rows": rows,
-            "break_even": summary}, fh, indent=1)
-    for s in summary:
+    save()
+    for s in break_even(rows):
         print("break-even", s, flush=True)
+    if skipped:
+        print("skipped (time budget): " + ", ".join(skipped), flush=True)
     print(f"done in {time.time() - t_start:.0f} s, {len(rows)} rows -> {out_path}", flush=True)
 
 
@@ -230,33 +243,25 @@ def fmt(v, w=8, d=1):
     return f"{v:{w}.{d}f}" if isinstance(v, (int, float)) and v is not None and math.isfinite(v) else " " * (w - 1) + "-"
 
 
+# Fields of a row and the chain-timed sides they rest on (`tables.fallback_fields`).
+RESTS_ON = {"sparse_chain_us": ("sparse",), "dense_chain_us": ("dense",), "speedup_chain": ("dense", "sparse"),
+            "sparse_tflops_chain": ("sparse",), "bcsr_chain_us": ("bcsr",)}
+
+
+def fallback_note(row) -> str:
+    sides = [side for side in T.SIDES if row.get(f"{side}_check") == "fallback"]
+    return f" [fallback: {', '.join(sides)}]" if sides else ""
+
+
 def break_even(rows):
-    """Sparsity at which the sparse time equals the dense one, per (layer, batch, mode, measure):
-    sparse time fitted as a + b * density over the measured sparsities (least squares)."""
-    import numpy as np
-    groups = {}
-    for r in rows:
-        if "mode" not in r or r.get("impl"):
-            continue
-        for measure in ("chain", "kernel"):
-            s, d = r.get(f"sparse_{measure}_us"), r.get(f"dense_{measure}_us")
-            if s is None or d is None:
-                continue
-            groups.setdefault((r["layer"], r["batch"], r["mode"], measure), []).append(
-                (1.0 - r["sparsity"], s, d))
+    """Break-even sparsity (`breakeven.py`) per (layer, batch, mode), on chain and on kernel time;
+    chain speedups resting on a fallback time are left out."""
+    convs = T.measured([r for r in rows if not r.get("impl")], RESTS_ON)  # not the BCSR rows
     out = []
-    for (layer, batch, mode, measure), pts in sorted(groups.items()):
-        if len(pts) < 2:
-            continue
-        dens = np.array([p[0] for p in pts])
-        ts = np.array([p[1] for p in pts])
-        dense = float(np.median([p[2] for p in pts]))
-        b, a = np.polyfit(dens, ts, 1)
-        d_star = (dense - a) / b if b > 0 else float("nan")
-        out.append(dict(layer=layer, batch=batch, mode=mode, measure=measure, dense_us=dense,
-                        fit_a_us=float(a), fit_b_us=float(b),
-                        break_even_sparsity=float(1.0 - d_star) if math.isfinite(d_star) else None,
-                        measured_sparsities=sorted(round(1 - p[0], 4) for p in pts)))
+    for measure in ("chain", "kernel"):
+        out += [{**be, "measure": measure} for be in breakeven.break_even_rows(
+                convs, group=("layer", "batch", "mode"), speedup=f"speedup_{measure}", carry=())
+                if be["note"] != "n/a"]
     return out
 
 

@@ -1,4 +1,6 @@
-"""Layer definitions shared by the experiment scripts.
+"""The layer catalogue and precision modes shared by the experiment scripts.
+
+(Their flags, output paths and result files: ``common.py``.)
 
 Three families, as in the paper's question:
 
@@ -229,6 +231,11 @@ MODES = {
 }
 
 
+# Short names of the modes in tables and figures.
+MODE_LABELS = {"float32_highest": "f32 HIGHEST", "float32": "f32 default (TF32)", "bfloat16": "bf16",
+               "float16": "f16"}
+
+
 def mode_dtype(mode: str):
     import jax.numpy as jnp
     return jnp.dtype(MODES[mode][0])
@@ -359,77 +366,3 @@ def sparse_conv(x, filt, layer: Layer, bias=None, relu: bool = False):
     import jaxsparse
     return jaxsparse.sparse_conv(x, filt, strides=layer.stride, padding=layer.padding, bias=bias,
                                  activation="relu" if relu else None)
-
-
-# ---- flags shared by the scripts ------------------------------------------------
-
-def define_common_flags():
-    """absl flags shared by sweep.py and network.py (defined once per process)."""
-    from absl import flags
-
-    def define(kind, name, default, help_, **kw):
-        if name in flags.FLAGS:
-            return
-        if kind == "enum":
-            flags.DEFINE_enum(name, default, kw["enum_values"], help_)
-        else:
-            getattr(flags, f"DEFINE_{kind}")(name, default, help_)
-
-    define("list", "model", ["all"], f"Models: {', '.join(MODELS)} or all.")
-    define("list", "sparsity", ["0.9"], "Sparsity levels (fraction of zero weights).")
-    define("list", "dtype", ["float32"],
-           f"Precision modes: {', '.join(MODES)} (float32 = default precision, TF32 on GPUs).")
-    define("list", "batch", ["1"], "Batch sizes.")
-    define("enum", "pattern", "magnitude", "Sparsity pattern: magnitude pruning of random weights, "
-           "the DLMC ResNet-50 patterns (other layers: magnitude), or uniform random rows.",
-           enum_values=list(PATTERNS))
-    define("integer", "reps", 0, "Timed calls per measurement, median taken (0 = auto: 15 on GPU, 5 on CPU).")
-    define("string", "out", "", "Output folder (default: experiments/results/<script>_<platform>).")
-    define("float", "scale", 0.0, "Spatial downscale factor (0 = auto: 1 on GPU; on CPU 4 for the sweep, "
-           "8 for the network run).")
-    define("integer", "seed", 0, "Seed of the random weights and inputs.")
-    define("bool", "progress", True, "Show a progress bar.")
-    define("list", "cnn_batch", ["50"], "Extra batch sizes for the sentence CNN (the paper's 50); empty for none.")
-    define("float", "budget_s", 0.0, "Start no new layer (sweep) or network/batch (network run) after this "
-           "many seconds; what was skipped is listed under 'skipped' in the JSON (0 = no budget).")
-    define("enum", "kernel_time", "all", "GPU kernel time (profiler trace): for all layers/networks, "
-           "only unchainable layers, or none.", enum_values=["all", "unchainable", "none"])
-
-
-def auto_scale(scale: float, cpu_default: float = 4.0) -> float:
-    from jaxsparse.benchmark import gpu_present
-    if scale and scale > 0:
-        return float(scale)
-    return 1.0 if gpu_present() else cpu_default
-
-
-def auto_reps(reps: int) -> int:
-    from jaxsparse.benchmark import gpu_present
-    return reps if reps and reps > 0 else (15 if gpu_present() else 5)
-
-
-def default_out(script: str) -> str:
-    import os
-    import jax
-    root = os.path.dirname(os.path.abspath(__file__))
-    return os.path.join(root, "results", f"{script}_{jax.devices()[0].platform}")
-
-
-def check_backend():
-    """Under JAXSPARSE_REQUIRE_CUDA=1 the scripts must run the CUDA kernels, nothing else:
-    no GPU, or a sparse_conv that does not lower to the custom call, is an error."""
-    import jax
-    import jax.numpy as jnp
-    from jaxsparse.benchmark import gpu_present, random_input
-    from jaxsparse.options import require_cuda
-
-    if not require_cuda():
-        return
-    if not gpu_present():
-        raise RuntimeError("JAXSPARSE_REQUIRE_CUDA=1 but no GPU is visible to JAX")
-    layer = VGG16[5].scaled(8)
-    filt, _ = make_filter(layer, 0.9)
-    x = random_input(layer.input_shape(1), jnp.float32)
-    text = jax.jit(lambda x, f: sparse_conv(x, f, layer)).lower(x, filt).as_text()
-    if "jaxsparse_sparse_conv" not in text:
-        raise RuntimeError("JAXSPARSE_REQUIRE_CUDA=1 but sparse_conv did not lower to the CUDA custom call")

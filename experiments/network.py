@@ -1,4 +1,4 @@
-"""Whole-network run: dense vs sparse forward passes under one `jax.jit`.
+r"""Whole-network run: dense vs sparse forward passes under one `jax.jit`.
 
 Networks (every convolution with bias and ReLU, as a network runs them):
 
@@ -19,7 +19,7 @@ per call (sum over kernels, from a profiler trace), weight bytes, output agreeme
 
     python3 experiments/network.py                     # small CPU default
     python3 experiments/network.py --model=vgg16 --sparsity=0.8,0.9,0.95 \
-        --dtype=float32_highest,float32,bfloat16 --batch=1,32
+        --modes=float32_highest,float32,bfloat16 --batch=1,32
 """
 
 from __future__ import annotations
@@ -27,25 +27,26 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 import time
 from typing import Callable
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from jax import lax
+from tqdm import tqdm
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from jax import lax  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from jaxsparse import benchmark as B
 
-from jaxsparse import benchmark as B  # noqa: E402
+import common
+import layers as L
+import plots as P
+import tables as T
 
-import layers as L  # noqa: E402
-import plots as P  # noqa: E402
-
-L.define_common_flags()
+common.define_flags("modes", "batch", "cnn_batch", "pattern", "repeats", "out", "scale", "seed", "progress",
+                    "budget_s", "kernel_time", model=["all"], sparsity=[0.9],
+                    choices={"model": L.MODELS + ("all",)})
 flags.DEFINE_bool("han", True, "Also run VGG-16 at the Han et al. (2015) per-layer sparsity profile.")
 
 FLAGS = flags.FLAGS
@@ -197,14 +198,15 @@ def cast_params(params: dict, dtype) -> dict:
 
 @dataclasses.dataclass
 class NetworkConfig:
-    models: list = dataclasses.field(default_factory=lambda: ["all"])
-    sparsities: list = dataclasses.field(default_factory=lambda: [0.9])
+    """The network run's flags (same names), resolved for this machine by `resolved`."""
+    model: list = dataclasses.field(default_factory=lambda: ["all"])
+    sparsity: list = dataclasses.field(default_factory=lambda: [0.9])
     modes: list = dataclasses.field(default_factory=lambda: ["float32"])
-    batches: list = dataclasses.field(default_factory=lambda: [1])
-    cnn_batches: list = dataclasses.field(default_factory=lambda: [50])
+    batch: list = dataclasses.field(default_factory=lambda: [1])
+    cnn_batch: list = dataclasses.field(default_factory=lambda: [50])
     pattern: str = "magnitude"
     han: bool = True
-    reps: int = 0
+    repeats: int = 0
     out: str = ""
     scale: float = 0.0
     seed: int = 0
@@ -214,44 +216,40 @@ class NetworkConfig:
 
     def resolved(self) -> "NetworkConfig":
         c = dataclasses.replace(self)
-        c.scale = L.auto_scale(c.scale, cpu_default=8.0)
-        c.reps = L.auto_reps(c.reps)
-        c.out = c.out or L.default_out("network")
+        c.scale = common.auto_scale(c.scale, cpu_default=8.0)
+        c.repeats = common.auto_repeats(c.repeats)
+        c.out = c.out or common.default_out("network")
         c.modes = L.check_modes(c.modes)
-        if "all" in c.models:
-            c.models = list(L.MODELS)
+        if "all" in c.model:
+            c.model = list(L.MODELS)
         return c
 
 
 def config_from_flags() -> NetworkConfig:
-    return NetworkConfig(
-        models=list(FLAGS.model), sparsities=[float(s) for s in FLAGS.sparsity], modes=list(FLAGS.dtype),
-        batches=[int(b) for b in FLAGS.batch], cnn_batches=[int(b) for b in FLAGS.cnn_batch if b],
-        pattern=FLAGS.pattern, han=FLAGS.han, reps=FLAGS.reps, out=FLAGS.out, scale=FLAGS.scale,
-        seed=FLAGS.seed, kernel_time=FLAGS.kernel_time, progress=FLAGS.progress, budget_s=FLAGS.budget_s)
+    return NetworkConfig(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(NetworkConfig)})
 
 
 def _labels(net: Net, cfg: NetworkConfig) -> list:
-    labels = [f"{s:g}" for s in cfg.sparsities]
+    labels = [f"{s:g}" for s in cfg.sparsity]
     if cfg.han and net.name == "vgg16":
         labels.append("han")
     return labels
 
 
 def _batches(net: Net, cfg: NetworkConfig) -> list[int]:
-    bs = list(cfg.batches)
+    bs = list(cfg.batch)
     if net.name == "cnn_non_static":
-        bs += [b for b in cfg.cnn_batches if b not in bs]
+        bs += [b for b in cfg.cnn_batch if b not in bs]
     return bs
 
 
 def run_network(cfg: NetworkConfig) -> dict:
     cfg = cfg.resolved()
-    L.check_backend()
+    common.check_backend()
     start = time.time()
     env = B.environment()
     kernel = B.gpu_present() and cfg.kernel_time != "none"
-    nets = [NETS[m](cfg.scale) for m in cfg.models]
+    nets = [NETS[m](cfg.scale) for m in cfg.model]
     total = sum(len(_batches(n, cfg)) * len(cfg.modes) * (1 + len(_labels(n, cfg))) for n in nets)
     bar = tqdm(total=total, disable=not cfg.progress, desc="network", unit="run", dynamic_ncols=True)
     rows, profiles, skipped = [], {}, []
@@ -283,13 +281,13 @@ def run_network(cfg: NetworkConfig) -> dict:
 
                 bar.set_postfix_str(f"{net.name} b{batch} dense {mode}")
                 dp = dense_params(labels[0])
-                dense_us = B.median_call_us(dense_fn, x, dp, repeats=cfg.reps)
+                dense_us = B.median_call_us(dense_fn, x, dp, repeats=cfg.repeats)
                 dk = B.kernel_time_us(dense_fn, x, dp) if kernel else None
                 bar.update(1)
                 for lab in labels:
                     bar.set_postfix_str(f"{net.name} b{batch} sparse {mode} {lab}")
                     spp = cast_params({"convs": sp[lab][0], **extra}, dt)
-                    sparse_us = B.median_call_us(sparse_fn, x, spp, repeats=cfg.reps)
+                    sparse_us = B.median_call_us(sparse_fn, x, spp, repeats=cfg.repeats)
                     sk = B.kernel_time_us(sparse_fn, x, spp) if kernel else None
                     y_s = np.asarray(sparse_fn(x, spp), np.float32)
                     y_d = np.asarray(dense_fn(x, dp if lab == labels[0] else dense_params(lab)), np.float32)
@@ -306,10 +304,10 @@ def run_network(cfg: NetworkConfig) -> dict:
                         "nnz": nnz, "overall_sparsity": 1 - nnz / dense_w,
                         "weight_bytes_dense": sum(a for a, _ in wb), "weight_bytes_sparse": sum(b for _, b in wb),
                         "dense_ms": dense_us / 1e3, "sparse_ms": sparse_us / 1e3,
-                        "speedup": P.ratio(dense_us, sparse_us),
+                        "speedup": T.ratio(dense_us, sparse_us),
                         "dense_kernel_us": dk["total_us"] if dk else None,
                         "sparse_kernel_us": sk["total_us"] if sk else None,
-                        "kernel_speedup": P.ratio(dk["total_us"] if dk else None, sk["total_us"] if sk else None),
+                        "kernel_speedup": T.ratio(dk["total_us"] if dk else None, sk["total_us"] if sk else None),
                         "dense_launches": dk["launches"] if dk else None,
                         "sparse_launches": sk["launches"] if sk else None,
                         "finite": bool(np.all(np.isfinite(y_s)) and np.all(np.isfinite(y_d))),
@@ -318,11 +316,9 @@ def run_network(cfg: NetworkConfig) -> dict:
                     })
                     bar.update(1)
     bar.close()
-    rp = P.reduced_precision_table(rows, ["model", "batch", "sparsity"], "sparse_ms", "dense_ms")
-    return {"kind": "network", "environment": env, "config": dataclasses.asdict(cfg), "rows": rows,
-            "reduced_precision": rp, "sparsity_profiles": profiles,
-            "han2015_vgg16_density": L.HAN2015_VGG16_DENSITY, "skipped": skipped,
-            "wall_s": time.time() - start}
+    return common.envelope("network", dataclasses.asdict(cfg), rows, start, skipped, env,
+                           reduced_precision=T.reduced_precision_table(rows, *T.NETWORK_RP_KEYS),
+                           sparsity_profiles=profiles, han2015_vgg16_density=L.HAN2015_VGG16_DENSITY)
 
 
 TABLE = [("model", "network", ""), ("batch", "N", ""), ("mode", "mode", ""), ("sparsity", "sparsity", ""),
@@ -334,7 +330,7 @@ TABLE = [("model", "network", ""), ("batch", "N", ""), ("mode", "mode", ""), ("s
 
 
 def report(result: dict) -> str:
-    env, cfg = result["environment"], result["config"]
+    env, cfg = result["environment"], result["flags"]
     plat = env["platform"].upper()
     rows = [{**r, "weight_mb_dense": r["weight_bytes_dense"] / 1e6, "weight_mb_sparse": r["weight_bytes_sparse"] / 1e6}
             for r in result["rows"]]
@@ -342,28 +338,31 @@ def report(result: dict) -> str:
              f"{env['date']}; spatial scale 1/{cfg['scale']:g}, pattern {cfg['pattern']}",
              f"median ms per jitted forward: sparse = jaxsparse {plat} kernels, dense = XLA {plat} "
              "convolutions (same weights, bias + ReLU); 'han' = Han et al. 2015 per-layer VGG-16 profile",
-             "", P.format_table(rows, TABLE)]
+             "", T.format_table(rows, TABLE)]
     if result["reduced_precision"]:
         lines += ["", "reduced precision: gain = time at float32 / time at bf16/f16 (>1 = faster)",
-                  P.format_table(result["reduced_precision"],
+                  T.format_table(result["reduced_precision"],
                                  [("model", "network", ""), ("batch", "N", ""), ("sparsity", "sparsity", ""),
                                   ("low_mode", "low", ""), ("ref_mode", "ref", ""),
                                   ("dense_gain", "dense gain", ".2f"), ("sparse_gain", "sparse gain", ".2f"),
                                   ("speedup_ref", "speedup ref", ".2f"), ("speedup_low", "speedup low", ".2f")])]
-    lines += ["", f"wall time {result['wall_s']:.0f} s"]
+    if result.get("skipped"):
+        lines += ["", "skipped (time budget): " + ", ".join(result["skipped"])]
+    lines += ["", f"wall time {result['elapsed_s']:.0f} s"]
     return "\n".join(lines)
 
 
 def write_outputs(result: dict, out: str) -> list[str]:
-    os.makedirs(out, exist_ok=True)
-    meta = {"environment": result["environment"], "config": result["config"]}
-    paths = [P.write_json(result, os.path.join(out, "network.json")),
-             P.write_csv(result["rows"], os.path.join(out, "network.csv"), meta)]
+    meta = {"environment": result["environment"], "flags": result["flags"]}
+
+    def path(name):
+        return common.output_path(out, name)
+
+    paths = [common.write_result(result, path("network.json")),
+             T.write_csv(result["rows"], path("network.csv"), meta)]
     if result["reduced_precision"]:
-        paths.append(P.write_csv(result["reduced_precision"],
-                                 os.path.join(out, "network_reduced_precision.csv"), meta))
-    paths += P.network_figures(result, out)
-    return paths
+        paths.append(T.write_csv(result["reduced_precision"], path("network_reduced_precision.csv"), meta))
+    return paths + P.network_figures(result, os.path.dirname(path("network.csv")))
 
 
 def main(argv):
@@ -371,7 +370,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     result = run_network(config_from_flags())
     print(report(result))
-    paths = write_outputs(result, result["config"]["out"])
+    paths = write_outputs(result, result["flags"]["out"])
     print("\nwrote " + ", ".join(paths))
 
 

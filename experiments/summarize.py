@@ -1,42 +1,36 @@
-"""Markdown summary of a GPU results folder: the numbers the README quotes, from the JSON.
+r"""Markdown summary of a GPU results folder: the numbers the README quotes, from the JSON.
 
     python3 experiments/summarize.py --sweep=experiments/results/h200/sweep.json \
         --network=experiments/results/h200/network.json \
-        --whole_model=experiments/results/h200/whole_model/*.json \
-        --raw=experiments/results/h200/raw --out=experiments/results/h200/SUMMARY.md
+        --whole_model='experiments/results/h200/whole_model/*.json' \
+        --raw=experiments/results/h200/raw --out=experiments/results/h200
 
 Every number is read from the result files (measured on the device by `sweep.py`,
 `network.py` and `whole_model_benchmark.py`); nothing is typed in by hand. Speedup =
 dense / sparse at the same dtype (chain µs per op or pair; GPU kernel time where a
-layer cannot chain).
+layer cannot chain). Writes ``SUMMARY.md`` to ``--out`` (stdout without it).
 """
 
 from __future__ import annotations
 
 import glob
-import json
-import math
 import os
 
 from absl import app, flags
 
-import layers as L  # this folder is on sys.path when run as a script
+import breakeven
+import common
+import layers as L
+import tables as T
 
 flags.DEFINE_string("sweep", None, "Merged sweep.json (plots.py --results=...).")
 flags.DEFINE_string("network", None, "Merged network.json.")
 flags.DEFINE_list("whole_model", [], "whole_model_benchmark.py JSON files (globs allowed).")
 flags.DEFINE_string("raw", "", "Folder of the per-call JSON files (for the 'skipped' lists).")
-flags.DEFINE_string("out", "", "Markdown output (default: stdout).")
+common.define_flags("out", helps={"out": "Folder of SUMMARY.md, or the Markdown file's path (default: stdout)."})
 FLAGS = flags.FLAGS
 
 MODES = tuple(L.MODES)
-MODE_LABEL = {"float32_highest": "f32 HIGHEST", "float32": "f32 default (TF32)", "bfloat16": "bf16",
-              "float16": "f16"}
-
-
-def geomean(values):
-    values = [v for v in values if v and v > 0]
-    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
 
 
 def fmt(v, spec=".2f", none="-"):
@@ -58,9 +52,9 @@ def vgg_geomeans(rows):
             for m in MODES:
                 sel = [r for r in rows if r["model"] == "vgg16" and r["batch"] == batch
                        and r["sparsity"] == s and r["mode"] == m]
-                cells.append(f"{fmt(geomean(r['speedup'] for r in sel))} ({len(sel)})" if sel else "-")
+                cells.append(f"{fmt(T.geomean(r['speedup'] for r in sel))} ({len(sel)})" if sel else "-")
             out.append([batch, s] + cells)
-    return table(["batch", "sparsity"] + [f"x vs {MODE_LABEL[m]} (layers)" for m in MODES], out)
+    return table(["batch", "sparsity"] + [f"x vs {L.MODE_LABELS[m]} (layers)" for m in MODES], out)
 
 
 def break_even_table(be, batch):
@@ -69,35 +63,26 @@ def break_even_table(be, batch):
     for layer in layers:
         cells = {r["mode"]: r["note"] for r in be if r["layer"] == layer and r["batch"] == batch}
         out.append([layer] + [cells.get(m, "-") for m in MODES])
-    return table(["layer"] + [MODE_LABEL[m] for m in MODES], out)
+    return table(["layer"] + [L.MODE_LABELS[m] for m in MODES], out)
 
 
 def find(rows, **kw):
     return [r for r in rows if all(r.get(k) == v for k, v in kw.items())]
 
 
-def _note_key(note: str) -> float:
-    """Order break-even notes: '<=0.7' below 0.7, '>0.98' above everything."""
-    if note.startswith("<="):
-        return float(note[2:]) - 1e-3
-    if note.startswith(">"):
-        return 2.0
-    return float(note)
-
-
 def targets(rows, be, peaks):
     """The CUDA-kernel issue's targets against what this run measured."""
     def gm(batch, s, mode):
-        return geomean(r["speedup"] for r in find(rows, model="vgg16", batch=batch, sparsity=s, mode=mode))
+        return T.geomean(r["speedup"] for r in find(rows, model="vgg16", batch=batch, sparsity=s, mode=mode))
 
     def be_max(batch, mode):
         vals = [r for r in be if r["model"] == "vgg16" and r["batch"] == batch and r["mode"] == mode]
-        notes = sorted((r["note"] for r in vals), key=_note_key)
+        notes = sorted((r["note"] for r in vals), key=breakeven.note_order)
         return f"{notes[0]} .. {notes[-1]}" if notes else "-"
 
     r50 = {m: [r for r in find(rows, model="resnet50_1x1", batch=1, sparsity=0.9, mode=m) if r["chain"] == "pair"]
            for m in ("float32", "float32_highest")}
-    tf32 = [r["speedup"] for r in r50["float32"]]
+    tf32 = [r["speedup"] for r in r50["float32"] if r["speedup"]]
     bcsr = [r.get("speedup_vs_bcsr") for r in r50["float32"] if r.get("speedup_vs_bcsr")]
     kim = {(b, m): [r["speedup"] for r in find(rows, model="cnn_non_static", batch=b, sparsity=0.9, mode=m)]
            for b in (1, 50) for m in MODES}
@@ -133,9 +118,11 @@ def r50_table(rows):
     out = []
     for r in rows:
         if r["model"] == "resnet50_1x1" and r["sparsity"] == 0.9 and r["mode"] in ("float32_highest", "float32", "bfloat16"):
-            out.append([r["layer"], r["batch"], MODE_LABEL[r["mode"]], r["unit"], fmt(r["sparse_us"], ".1f"),
-                        fmt(r["dense_us"], ".1f"), fmt(r["speedup"]), fmt(r.get("bcsr_us"), ".1f"),
-                        fmt(r.get("speedup_vs_bcsr")), fmt(r["sparse_kernel_us"], ".1f"),
+            def cell(key, spec=".2f"):  # '~': rests on a fallback time
+                return ("~" if key in T.fallback_fields(r) else "") + fmt(r.get(key), spec)
+            out.append([r["layer"], r["batch"], L.MODE_LABELS[r["mode"]], r["unit"], cell("sparse_us", ".1f"),
+                        cell("dense_us", ".1f"), cell("speedup"), cell("bcsr_us", ".1f"),
+                        cell("speedup_vs_bcsr"), fmt(r["sparse_kernel_us"], ".1f"),
                         fmt(r["dense_kernel_us"], ".1f")])
     return table(["layer", "N", "mode", "per", "sparse µs", "dense µs", "x", "BCSR µs", "x vs BCSR",
                   "sparse kernel µs", "dense kernel µs"], out)
@@ -145,7 +132,7 @@ def kim_table(rows):
     out = []
     for r in rows:
         if r["model"] == "cnn_non_static" and r["sparsity"] == 0.9:
-            out.append([r["layer"], r["batch"], MODE_LABEL[r["mode"]], fmt(r["sparse_kernel_us"], ".1f"),
+            out.append([r["layer"], r["batch"], L.MODE_LABELS[r["mode"]], fmt(r["sparse_kernel_us"], ".1f"),
                         fmt(r["dense_kernel_us"], ".1f"), fmt(r["kernel_speedup"]),
                         fmt(r["sparse_us"], ".1f"), fmt(r["dense_us"], ".1f")])
     return table(["layer", "N", "mode", "sparse kernel µs", "dense kernel µs", "x (kernel)",
@@ -159,15 +146,15 @@ def reduced_precision(rp):
             sel = [r for r in rp if r["low_mode"] == low and r["ref_mode"] == ref]
             if not sel:
                 continue
-            out.append([MODE_LABEL[low], MODE_LABEL[ref], len(sel), fmt(geomean(r["dense_gain"] for r in sel)),
-                        fmt(geomean(r["sparse_gain"] for r in sel))])
+            out.append([L.MODE_LABELS[low], L.MODE_LABELS[ref], len(sel), fmt(T.geomean(r["dense_gain"] for r in sel)),
+                        fmt(T.geomean(r["sparse_gain"] for r in sel))])
     return table(["low precision", "vs", "rows", "dense gain (geomean)", "sparse gain (geomean)"], out)
 
 
 def network_table(net):
     out = []
     for r in net["rows"]:
-        out.append([r["model"], r["batch"], MODE_LABEL[r["mode"]], r["sparsity"], fmt(r["dense_ms"], ".3f"),
+        out.append([r["model"], r["batch"], L.MODE_LABELS[r["mode"]], r["sparsity"], fmt(r["dense_ms"], ".3f"),
                     fmt(r["sparse_ms"], ".3f"), fmt(r["speedup"]),
                     fmt(r["dense_kernel_us"] and r["dense_kernel_us"] / 1e3, ".3f"),
                     fmt(r["sparse_kernel_us"] and r["sparse_kernel_us"] / 1e3, ".3f"), fmt(r["kernel_speedup"])])
@@ -178,23 +165,22 @@ def network_table(net):
 def whole_model_table(paths):
     out, skipped, rows = [], [], []
     for path in paths:
-        with open(path) as f:
-            d = json.load(f)
+        d = common.read_result(path)
         skipped += d.get("skipped", [])
         rows += d["rows"]
     # One table ordered by model, batch, mode, sparsity, whichever device call measured the row; a
     # configuration measured in two calls keeps both rows (the spread between calls is information).
-    modes = list(MODE_LABEL)
+    modes = list(L.MODE_LABELS)
     rows.sort(key=lambda r: (r["model"], r["batch"], modes.index(r["mode"]), r["sparsity"]))
     for r in rows:
-        out.append([r["model"], r["batch"], MODE_LABEL[r["mode"]], r["sparsity"], fmt(r["dense_us"] / 1e3, ".3f"),
+        out.append([r["model"], r["batch"], L.MODE_LABELS[r["mode"]], r["sparsity"], fmt(r["dense_us"] / 1e3, ".3f"),
                     fmt(r["sparse_us"] / 1e3, ".3f"), fmt(r["speedup"]),
                     fmt(r.get("dense_kernel_us") and r["dense_kernel_us"] / 1e3, ".3f"),
                     fmt(r.get("sparse_kernel_us") and r["sparse_kernel_us"] / 1e3, ".3f"),
                     fmt(r["max_rel_diff"], ".1e")])
     measured = {(row[0], row[2], row[1]) for row in out}
     missing = [s for s in dict.fromkeys(skipped)
-               if not any(s.startswith(m) and f"b{b}" in s and MODE_LABEL.get(s.split()[1]) == lab
+               if not any(s.startswith(m) and f"b{b}" in s and L.MODE_LABELS.get(s.split()[1]) == lab
                           for m, lab, b in measured)]
     text = table(["model", "N", "mode", "sparsity", "dense ms/call", "sparse ms/call", "x", "dense kernel ms",
                   "sparse kernel ms", "max rel diff"], out)
@@ -203,9 +189,10 @@ def whole_model_table(paths):
 
 def main(argv):
     del argv
-    with open(FLAGS.sweep) as f:
-        sweep = json.load(f)
+    sweep = common.read_result(FLAGS.sweep)
     rows, be, env = sweep["rows"], sweep["break_even"], sweep["environment"]
+    measured = T.measured(rows)  # geomeans and targets leave fallback times out
+    fallbacks = sum(bool(T.fallback_fields(r)) for r in rows)
     runs = sweep.get("runs", [{"environment": env}])
     dates = sorted(r["environment"]["date"] for r in runs)
     parts = [f"# Results on {env['device']} (jax {env['jax']}, jaxlib {env['jaxlib']}, Python {env['python']})",
@@ -215,18 +202,21 @@ def main(argv):
              "accumulation at every dtype); dense = the convolution XLA emits (cuDNN) at the same dtype, "
              "timed in the same run by the same method. x = dense / sparse; > 1 means sparse is faster.",
              "", "measured matmul peak (TFLOP/s): " +
-             ", ".join(f"{MODE_LABEL.get(m, m)} {v:.1f}" for m, v in sweep["peaks_tflops"].items())]
+             ", ".join(f"{L.MODE_LABELS.get(m, m)} {v:.1f}" for m, v in sweep["peaks_tflops"].items())]
     skipped = []
     if FLAGS.raw:
         for path in sorted(glob.glob(os.path.join(FLAGS.raw, "*.json"))):
-            with open(path) as f:
-                skipped += [f"{s} ({os.path.basename(path)})" for s in json.load(f).get("skipped", [])]
+            skipped += [f"{s} ({os.path.basename(path)})" for s in common.read_result(path)["skipped"]]
     if skipped:
         parts += ["", "Not measured (time budget of the device call): " + ", ".join(skipped) + "."]
-    parts += ["", "## Targets of the CUDA-kernel issue", "", targets(rows, be, sweep["peaks_tflops"]),
+    if fallbacks:
+        parts += ["", f"{fallbacks} rows rest on a fallback time (a chain time that failed its checks on "
+                  "every attempt, `dense_check`/`sparse_check`/`bcsr_check` in the JSON): marked `~`, left "
+                  "out of the geomeans, targets and break-even sparsities."]
+    parts += ["", "## Targets of the CUDA-kernel issue", "", targets(measured, be, sweep["peaks_tflops"]),
               "", "## VGG-16: geometric-mean speedup over the distinct layer shapes", "",
               "Chain method, µs per op (per layer + mirror pair where Cin != Cout); conv3_3, conv4_3, "
-              "conv5_2 and conv5_3 have the shapes of conv3_2, conv4_2 and conv5_1.", "", vgg_geomeans(rows)]
+              "conv5_2 and conv5_3 have the shapes of conv3_2, conv4_2 and conv5_1.", "", vgg_geomeans(measured)]
     for batch in sorted({r["batch"] for r in be}):
         parts += ["", f"## Break-even sparsity, batch {batch}", "",
                   "Sparse is faster above it; `<=x`: already at the lowest tested, `>0.98`: never in range.",
@@ -238,10 +228,9 @@ def main(argv):
               "Gain = time at the float32 mode / time at the 16-bit mode, per layer, batch and sparsity "
               "(> 1: the 16-bit run is faster).", "", reduced_precision(sweep["reduced_precision"])]
     if FLAGS.network:
-        with open(FLAGS.network) as f:
-            parts += ["", "## Whole networks under one `jax.jit` (bias + ReLU, same pruned weights)", "",
-                      "Median ms per jitted forward call; kernel ms = summed GPU kernel time per call.",
-                      "", network_table(json.load(f))]
+        parts += ["", "## Whole networks under one `jax.jit` (bias + ReLU, same pruned weights)", "",
+                  "Median ms per jitted forward call; kernel ms = summed GPU kernel time per call.",
+                  "", network_table(common.read_result(FLAGS.network))]
     paths = sorted(p for pat in FLAGS.whole_model for p in glob.glob(pat))
     if paths:
         text, missing = whole_model_table(paths)
@@ -252,9 +241,11 @@ def main(argv):
             parts += ["", "Not measured (time budget): " + ", ".join(missing) + "."]
     text = "\n".join(parts) + "\n"
     if FLAGS.out:
-        with open(FLAGS.out, "w") as f:
+        path = common.output_path(FLAGS.out, "SUMMARY.md")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
             f.write(text)
-        print(f"wrote {FLAGS.out}")
+        print(f"wrote {path}")
     else:
         print(text)
 

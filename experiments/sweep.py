@@ -1,4 +1,4 @@
-"""Layer sweep: when does `jaxsparse.sparse_conv` beat XLA's convolution?
+r"""Layer sweep: when does `jaxsparse.sparse_conv` beat XLA's convolution?
 
 For every layer (VGG-16, ResNet-50 1x1, CNN-non-static), batch, precision mode and
 sparsity, this times the sparse kernel and `lax.conv_general_dilated` at the same
@@ -10,14 +10,18 @@ dtype, in the same run, by the same method (``jaxsparse.benchmark``):
 * on a GPU, kernel time of one call from a profiler trace for every layer
   (``--kernel_time``), so launch and dispatch overhead show separately;
 * `jax.experimental.sparse` BCSR for the 1x1 layers at float32 (a matmul on the
-  channel-major (C, N*H*W) view, its best layout).
+  channel-major (C, N*H*W) view, its best layout);
+* every chain time checked (`B.chain_time_us`, also against twice the measured matmul peak)
+  and the check kept per row (``dense_check``, ``sparse_check``, ``bcsr_check``, details in
+  ``*_timing``); a fallback time is marked ``~`` and left out of break-even, gains and geomeans.
 
-Writes ``sweep.json`` / ``sweep.csv`` (with device, versions, date and flags),
-``breakeven.csv``, ``reduced_precision.csv`` and PNG figures to ``--out``.
+Writes ``sweep.json`` (the result envelope of ``common.py``), ``sweep.csv`` (with device,
+versions, date and flags), ``breakeven.csv``, ``reduced_precision.csv`` and PNG figures to
+``--out``; ``sweep.partial.json``, a checkpoint per layer, is removed when the run completes.
 
-    python3 experiments/sweep.py                      # small default: a few layers, f32, 0.9
+    python3 experiments/sweep.py                      # small default: a few layers, f32, 4 sparsities
     python3 experiments/sweep.py --model=vgg16 --layers=all \
-        --sparsity=0.5,0.7,0.8,0.9,0.95,0.98 --dtype=float32_highest,float32,bfloat16 --batch=1
+        --sparsity=0.5,0.7,0.8,0.9,0.95,0.98 --modes=float32_highest,float32,bfloat16 --batch=1
 """
 
 from __future__ import annotations
@@ -27,39 +31,42 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from tqdm import tqdm
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from absl import app, flags  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from jaxsparse import benchmark as B
 
-from jaxsparse import benchmark as B  # noqa: E402
+import breakeven
+import common
+import layers as L
+import plots as P
+import tables as T
 
-import layers as L  # noqa: E402
-import plots as P  # noqa: E402
+DEFAULT_SPARSITY = [0.8, 0.9, 0.95, 0.98]  # enough points for a speedup curve and a break-even
 
-L.define_common_flags()
+common.define_flags("modes", "batch", "cnn_batch", "pattern", "repeats", "out", "scale", "seed", "progress",
+                    "budget_s", "kernel_time", "k_small", "k_large", "bcsr", model=["all"],
+                    sparsity=DEFAULT_SPARSITY, choices={"model": L.MODELS + ("all",)})
 flags.DEFINE_list("layers", ["auto"], "Layer names (e.g. vgg.conv3_2,r50.g2.reduce), 'all', 'quick', "
                   "or 'auto' = quick on CPU, all on GPU.")
-flags.DEFINE_bool("bcsr", True, "Time jax.experimental.sparse BCSR on the 1x1 layers (float32).")
 flags.DEFINE_integer("peak_n", 0, "Matmul size of the peak measurement (0 = 8192 on GPU, 1024 on CPU).")
-flags.DEFINE_integer("k_small", 0, "Chain length of the short chain (0 = auto: 4 on GPU, 2 on CPU).")
-flags.DEFINE_integer("k_large", 0, "Chain length of the long chain (0 = auto: 20 on GPU, 8 on CPU).")
 
 FLAGS = flags.FLAGS
 
 
 @dataclasses.dataclass
 class SweepConfig:
-    models: list = dataclasses.field(default_factory=lambda: ["all"])
+    """The sweep's flags (same names), resolved for this machine by `resolved`."""
+    model: list = dataclasses.field(default_factory=lambda: ["all"])
     layers: list = dataclasses.field(default_factory=lambda: ["auto"])
-    sparsities: list = dataclasses.field(default_factory=lambda: [0.9])
+    sparsity: list = dataclasses.field(default_factory=lambda: list(DEFAULT_SPARSITY))
     modes: list = dataclasses.field(default_factory=lambda: ["float32"])
-    batches: list = dataclasses.field(default_factory=lambda: [1])
-    cnn_batches: list = dataclasses.field(default_factory=lambda: [50])
+    batch: list = dataclasses.field(default_factory=lambda: [1])
+    cnn_batch: list = dataclasses.field(default_factory=lambda: [50])
     pattern: str = "magnitude"
-    reps: int = 0
+    repeats: int = 0
     out: str = ""
     scale: float = 0.0
     seed: int = 0
@@ -74,49 +81,43 @@ class SweepConfig:
     def resolved(self) -> "SweepConfig":
         """Auto values filled in for this machine."""
         c = dataclasses.replace(self)
-        c.scale = L.auto_scale(c.scale)
-        c.reps = L.auto_reps(c.reps)
-        gpu = B.gpu_present()
-        c.k_small = c.k_small or (4 if gpu else 2)
-        c.k_large = c.k_large or (20 if gpu else 8)
+        c.scale = common.auto_scale(c.scale)
+        c.repeats = common.auto_repeats(c.repeats)
+        c.k_small, c.k_large = common.auto_chain(c.k_small, c.k_large)
         if c.layers in (["auto"], "auto"):
             c.layers = ["all"] if B.gpu_present() else ["quick"]
-        c.out = c.out or L.default_out("sweep")
+        c.out = c.out or common.default_out("sweep")
         c.modes = L.check_modes(c.modes)
         return c
 
 
 def config_from_flags() -> SweepConfig:
-    return SweepConfig(
-        models=list(FLAGS.model), layers=list(FLAGS.layers),
-        sparsities=[float(s) for s in FLAGS.sparsity], modes=list(FLAGS.dtype),
-        batches=[int(b) for b in FLAGS.batch], cnn_batches=[int(b) for b in FLAGS.cnn_batch if b],
-        pattern=FLAGS.pattern, reps=FLAGS.reps, out=FLAGS.out, scale=FLAGS.scale, seed=FLAGS.seed,
-        kernel_time=FLAGS.kernel_time, bcsr=FLAGS.bcsr, peak_n=FLAGS.peak_n, k_small=FLAGS.k_small,
-        k_large=FLAGS.k_large, progress=FLAGS.progress, budget_s=FLAGS.budget_s)
+    return SweepConfig(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(SweepConfig)})
 
 
 # ---- measurement ---------------------------------------------------------------
 
 
-def measure(layer: L.Layer, op, x, w, wm, cfg: SweepConfig, kernel: bool) -> dict:
+def measure(layer: L.Layer, op, x, w, wm, cfg: SweepConfig, kernel: bool, flops: float | None = None,
+            peak: float | None = None) -> dict:
     """Time ``op(x, w)`` for ``layer``: chain (single/pair) or single call; kernel time on GPU.
 
     Weights travel through the chain as jit arguments (like a model's parameters), not as
     constants folded into the executable; the one input/one output rule of the chain holds.
+    A chain time is a checked `B.ChainTime`; given ``flops`` (per chain step) and ``peak``
+    (TFLOP/s), it may not beat twice that peak.
     """
     kind = layer.chain_kind
     res = {"unit": {"single": "op", "pair": "pair", "none": "call"}[kind]}
+    chain = dict(k_small=cfg.k_small, k_large=cfg.k_large, repeats=cfg.repeats, flops=flops, peak_tflops=peak)
     if kind == "single":
-        res["us"] = B.chain_time_us([lambda s: (op(s[0], s[1]), s[1])], (x, w), k_small=cfg.k_small,
-                                    k_large=cfg.k_large, repeats=cfg.reps)
+        res["us"] = B.chain_time_us([lambda s: (op(s[0], s[1]), s[1])], (x, w), **chain)
     elif kind == "pair":
         res["us"] = B.chain_time_us([lambda s: (op(s[0], s[1]), s[1], s[2]),
-                                     lambda s: (op(s[0], s[2]), s[1], s[2])], (x, w, wm),
-                                    k_small=cfg.k_small, k_large=cfg.k_large, repeats=cfg.reps)
+                                     lambda s: (op(s[0], s[2]), s[1], s[2])], (x, w, wm), **chain)
     fn = jax.jit(op)
     if kind == "none":
-        res["us"] = B.median_call_us(fn, x, w, repeats=cfg.reps)
+        res["us"] = B.median_call_us(fn, x, w, repeats=cfg.repeats)
     kt = B.kernel_time_us(fn, x, w) if kernel else None
     res["kernel_us"] = kt["total_us"] if kt else None
     res["launches"] = kt["launches"] if kt else None
@@ -130,7 +131,7 @@ def _bcsr_matrix(filt):
                         shape=(filt.out_channels, filt.in_channels), indices_sorted=True)
 
 
-def measure_bcsr(layer: L.Layer, x, filt, mfilt, cfg: SweepConfig, kernel: bool) -> dict:
+def measure_bcsr(layer: L.Layer, x, filt, mfilt, cfg: SweepConfig, kernel: bool, peak: float | None) -> dict:
     """`jax.experimental.sparse` BCSR (Cout x Cin) @ activations (Cin x N*H*W), float32.
 
     Timed by `measure`, the same chain/call/kernel-time method as the convolutions,
@@ -140,7 +141,17 @@ def measure_bcsr(layer: L.Layer, x, filt, mfilt, cfg: SweepConfig, kernel: bool)
         x = x[:, ::layer.stride, ::layer.stride, :]
     xc = x.astype(jnp.float32).reshape(-1, layer.cin).T
     am = _bcsr_matrix(mfilt) if layer.chain_kind == "pair" else None
-    return measure(layer, lambda v, m: m @ v, xc, _bcsr_matrix(filt), am, cfg, kernel)
+    return measure(layer, lambda v, m: m @ v, xc, _bcsr_matrix(filt), am, cfg, kernel,
+                   step_flops(layer, x.shape[0], filt, mfilt), peak)
+
+
+def step_flops(layer: L.Layer, batch: int, filt=None, mfilt=None) -> float:
+    """FLOP of one chain step (the layer, with its mirror for a pair): the dense convolution's,
+    or with filters the useful sparse work 2 * nnz * N * Ho * Wo."""
+    pair = layer.chain_kind == "pair"
+    if filt is None:
+        return layer.dense_flops(batch) + (layer.mirror.dense_flops(batch) if pair else 0.0)
+    return 2.0 * (filt.nnz + (mfilt.nnz if pair else 0)) * batch * layer.out_pixels
 
 
 def measure_peaks(modes, n: int) -> dict:
@@ -152,27 +163,33 @@ def measure_peaks(modes, n: int) -> dict:
     return peaks
 
 
+def dtype_peak(peaks: dict, dtype: str) -> float:
+    """The largest measured peak among the modes of ``dtype``: the bound for a sparse (or BCSR)
+    time that all those modes share."""
+    return max(v for m, v in peaks.items() if L.MODES[m][0] == dtype)
+
+
 def batches_for(layer: L.Layer, cfg: SweepConfig) -> list[int]:
-    bs = list(cfg.batches)
+    bs = list(cfg.batch)
     if layer.model == "cnn_non_static":
-        bs += [b for b in cfg.cnn_batches if b not in bs]
+        bs += [b for b in cfg.cnn_batch if b not in bs]
     return bs
 
 
 def run_sweep(cfg: SweepConfig) -> dict:
     cfg = cfg.resolved()
-    L.check_backend()
+    common.check_backend()
     if "jax_bcoo_cusparse_lowering" in jax.config.values:
         jax.config.update("jax_bcoo_cusparse_lowering", True)  # cuSPARSE for BCSR on the GPU
     start = time.time()
     env = B.environment()
     gpu = B.gpu_present()
-    layers = [l.scaled(cfg.scale) for l in L.select(cfg.models, cfg.layers)]
+    layers = [l.scaled(cfg.scale) for l in L.select(cfg.model, cfg.layers)]
     plan = [(l, b) for l in layers for b in batches_for(l, cfg)]
     dtypes = list(dict.fromkeys(L.MODES[m][0] for m in cfg.modes))
     use_bcsr = cfg.bcsr and "float32" in dtypes
-    total = sum(len(cfg.modes) + len(dtypes) * len(cfg.sparsities)
-                + (len(cfg.sparsities) if use_bcsr and l.is_1x1 else 0) for l, _ in plan)
+    total = sum(len(cfg.modes) + len(dtypes) * len(cfg.sparsity)
+                + (len(cfg.sparsity) if use_bcsr and l.is_1x1 else 0) for l, _ in plan)
     bar = tqdm(total=total + 1, disable=not cfg.progress, desc="sweep", unit="meas", dynamic_ncols=True)
 
     bar.set_postfix_str("peak matmul")
@@ -192,12 +209,11 @@ def run_sweep(cfg: SweepConfig) -> dict:
 
     rows, skipped = [], []
 
-    def result(wall_s):
-        return {"kind": "sweep", "environment": env, "config": dataclasses.asdict(cfg),
-                "peaks_tflops": peaks, "rows": rows, "break_even": P.break_even_rows(rows),
-                "reduced_precision": P.reduced_precision_table(
-                    rows, ["model", "layer", "batch", "sparsity"], "sparse_us", "dense_us"),
-                "skipped": skipped, "wall_s": wall_s}
+    def result():
+        measured = T.measured(rows)  # fallback times are left out of break-even and gains
+        return common.envelope("sweep", dataclasses.asdict(cfg), rows, start, skipped, env,
+                               peaks_tflops=peaks, break_even=breakeven.break_even_rows(measured),
+                               reduced_precision=T.reduced_precision_table(measured, *T.SWEEP_RP_KEYS))
 
     for layer, batch in plan:
         if cfg.budget_s and time.time() - start > cfg.budget_s:
@@ -215,46 +231,50 @@ def run_sweep(cfg: SweepConfig) -> dict:
             dt, prec = L.mode_dtype(mode), L.mode_precision(mode)
             op = lambda x, w, prec=prec: L.dense_conv(x, w, layer, prec)  # noqa: E731
             dense[mode] = measure(layer, op, x32.astype(dt), dense_w.astype(dt),
-                                  None if dense_wm is None else dense_wm.astype(dt), cfg, kernel)
+                                  None if dense_wm is None else dense_wm.astype(dt), cfg, kernel,
+                                  step_flops(layer, batch), peaks[mode])
             bar.update(1)
         op = lambda x, f: L.sparse_conv(x, f, layer)  # noqa: E731
         for dtn in dtypes:
             dt = jnp.dtype(dtn)
-            for s in cfg.sparsities:
+            for s in cfg.sparsity:
                 bar.set_postfix_str(f"{layer.name} b{batch} sparse {dtn} {s:g}")
                 filt, used, mfilt = get_filter(layer, s)
                 sparse[(dtn, s)] = measure(layer, op, x32.astype(dt), filt.astype(dt),
-                                           None if mfilt is None else mfilt.astype(dt), cfg, kernel)
+                                           None if mfilt is None else mfilt.astype(dt), cfg, kernel,
+                                           step_flops(layer, batch, filt, mfilt), dtype_peak(peaks, dtn))
                 bar.update(1)
         if use_bcsr and layer.is_1x1:
-            for s in cfg.sparsities:
+            for s in cfg.sparsity:
                 bar.set_postfix_str(f"{layer.name} b{batch} bcsr {s:g}")
                 filt, _, mfilt = get_filter(layer, s)
-                bcsr[s] = measure_bcsr(layer, x32, filt, mfilt, cfg, kernel)
+                bcsr[s] = measure_bcsr(layer, x32, filt, mfilt, cfg, kernel, dtype_peak(peaks, "float32"))
                 bar.update(1)
         for mode in cfg.modes:
             dtn = L.MODES[mode][0]
             itemsize = jnp.dtype(dtn).itemsize
             d = dense[mode]
-            for s in cfg.sparsities:
+            for s in cfg.sparsity:
                 filt, used, mfilt = get_filter(layer, s)
                 sp = sparse[(dtn, s)]
                 rows.append(make_row(layer, batch, mode, s, used, filt, mfilt, sp, d,
                                      bcsr.get(s) if dtn == "float32" else None, peaks, itemsize))
         # A checkpoint per layer: a run killed from outside keeps what it measured.
-        os.makedirs(cfg.out, exist_ok=True)
-        P.write_json(result(time.time() - start), os.path.join(cfg.out, "sweep.partial.json"))
+        common.write_result(result(), partial_path(cfg.out))
     bar.close()
     if skipped:
         print(f"budget of {cfg.budget_s:g} s reached; skipped: {', '.join(skipped)}", file=sys.stderr)
-    return result(time.time() - start)
+    return result()
+
+
+def partial_path(out: str) -> str:
+    """The per-layer checkpoint beside ``sweep.json``, removed once the final files are written."""
+    return common.output_path(out, "sweep.json").removesuffix(".json") + ".partial.json"
 
 
 def make_row(layer, batch, mode, s, used, filt, mfilt, sp, d, bc, peaks, itemsize) -> dict:
     pair = layer.chain_kind == "pair"
-    nnz = filt.nnz + (mfilt.nnz if pair else 0)
-    sparse_flops = 2.0 * nnz * batch * layer.out_pixels
-    dense_flops = layer.dense_flops(batch) + (layer.mirror.dense_flops(batch) if pair else 0.0)
+    sparse_flops, dense_flops = step_flops(layer, batch, filt, mfilt), step_flops(layer, batch)
     # The basis of the comparison: chain time where the layer chains; otherwise kernel time
     # where a GPU trace exists, else the single-call time.
     if sp["unit"] == "call" and sp.get("kernel_us") and d.get("kernel_us"):
@@ -276,19 +296,20 @@ def make_row(layer, batch, mode, s, used, filt, mfilt, sp, d, bc, peaks, itemsiz
         "pattern": used, "nnz": filt.nnz, "nnz_mirror": mfilt.nnz if pair else None,
         "actual_sparsity": filt.sparsity,
         "weight_bytes_dense": wb_dense, "weight_bytes_sparse": wb_sparse,
-        "unit": sp["unit"], "sparse_us": sp["us"], "dense_us": d["us"],
+        "unit": sp["unit"], "sparse_us": float(sp["us"]), "dense_us": float(d["us"]),
         "sparse_kernel_us": sp.get("kernel_us"), "dense_kernel_us": d.get("kernel_us"),
         "sparse_launches": sp.get("launches"), "dense_launches": d.get("launches"),
-        "basis": basis, "speedup": P.ratio(d_t, s_t),
-        "kernel_speedup": P.ratio(d.get("kernel_us"), sp.get("kernel_us")),
+        "basis": basis, "speedup": T.ratio(d_t, s_t),
+        "kernel_speedup": T.ratio(d.get("kernel_us"), sp.get("kernel_us")),
         "sparse_tflops": s_tf, "dense_tflops": d_tf, "peak_tflops": peak,
-        "sparse_frac_peak": P.ratio(s_tf, peak), "dense_frac_peak": P.ratio(d_tf, peak),
-        "sparse_frac_f32_peak": P.ratio(s_tf, f32_peak),
+        "sparse_frac_peak": T.ratio(s_tf, peak), "dense_frac_peak": T.ratio(d_tf, peak),
+        "sparse_frac_f32_peak": T.ratio(s_tf, f32_peak),
+        **T.check_fields("sparse", sp["us"]), **T.check_fields("dense", d["us"]),
     }
     if bc is not None:
         b_t = bc["kernel_us"] if basis == "kernel" and bc.get("kernel_us") else bc["us"]
-        row.update({"bcsr_us": bc["us"], "bcsr_kernel_us": bc.get("kernel_us"),
-                    "speedup_vs_bcsr": P.ratio(b_t, s_t)})
+        row.update({"bcsr_us": float(bc["us"]), "bcsr_kernel_us": bc.get("kernel_us"),
+                    "speedup_vs_bcsr": T.ratio(b_t, s_t), **T.check_fields("bcsr", bc["us"])})
     return row
 
 
@@ -302,8 +323,18 @@ TABLE = [("layer", "layer", ""), ("shape", "shape", ""), ("batch", "N", ""), ("m
          ("bcsr_us", "BCSR µs", ".1f"), ("speedup_vs_bcsr", "vs BCSR", ".2f")]
 
 
+COLUMNS = """\
+columns: per = what one time covers: op (the layer chained on itself), pair (the layer and its
+  mirror Cout->Cin, chained together), call (one jitted call: the layer cannot be chained);
+  basis = the times the speedup compares: chain (chain-method slope), kernel (GPU kernel time
+  from a profiler trace), call (median time of one call); sp TF/s = the sparse kernel's
+  effective rate, 2 * nnz * N * Ho * Wo / time; sp %peak = sp TF/s as a fraction of the measured
+  dense matmul peak at that mode; ~ = rests on a fallback time (a chain time that failed its checks
+  on every attempt: T(k_large)/k_large, an upper bound), left out of break-even, gains, geomean."""
+
+
 def report(result: dict) -> str:
-    env, cfg = result["environment"], result["config"]
+    env, cfg = result["environment"], result["flags"]
     plat = env["platform"].upper()
     lines = [f"jaxsparse layer sweep on {env['device']} ({env['platform']}), jax {env['jax']}, "
              f"{env['date']}; spatial scale 1/{cfg['scale']:g}, pattern {cfg['pattern']}",
@@ -312,20 +343,24 @@ def report(result: dict) -> str:
              "cannot chain; speedup = dense / sparse.",
              "measured matmul peak (TFLOP/s): " + ", ".join(f"{m} {v:.3g}" for m, v in
                                                              result["peaks_tflops"].items()),
-             "", P.format_table(result["rows"], TABLE)]
+             COLUMNS, "", T.format_table(T.marked(result["rows"], TABLE), TABLE)]
     be = result["break_even"]
     if len({r["sparsity"] for r in result["rows"]}) > 1:
         lines += ["", "break-even sparsity (sparse faster above it):",
-                  P.format_table(be, [("layer", "layer", ""), ("batch", "N", ""), ("mode", "mode", ""),
+                  T.format_table(be, [("layer", "layer", ""), ("batch", "N", ""), ("mode", "mode", ""),
                                       ("note", "break-even", ""), ("basis", "basis", "")])]
     if result["reduced_precision"]:
         lines += ["", "reduced precision: gain = time at float32 / time at bf16/f16 (>1 = faster)",
-                  P.format_table(result["reduced_precision"], RP_TABLE)]
-    gm = P.geomean(r["speedup"] for r in result["rows"])
+                  T.format_table(result["reduced_precision"], RP_TABLE)]
+    gm = T.geomean(r["speedup"] for r in T.measured(result["rows"]))
+    fallbacks = sum(bool(T.fallback_fields(r)) for r in result["rows"])
     if result.get("skipped"):
         lines += ["", "skipped (time budget): " + ", ".join(result["skipped"])]
-    lines += ["", f"geometric-mean speedup over all rows: {gm:.2f}x" if gm else "",
-              f"wall time {result['wall_s']:.0f} s"]
+    if fallbacks:
+        lines += ["", f"{fallbacks} rows rest on a fallback time (~): see dense_check, sparse_check, "
+                  "bcsr_check and *_timing (reason, spread) in sweep.json"]
+    lines += ["", f"geometric-mean speedup over all measured rows: {gm:.2f}x" if gm else "",
+              f"wall time {result['elapsed_s']:.0f} s"]
     return "\n".join(lines)
 
 
@@ -336,16 +371,20 @@ RP_TABLE = [("layer", "layer", ""), ("batch", "N", ""), ("sparsity", "sparsity",
 
 
 def write_outputs(result: dict, out: str) -> list[str]:
-    os.makedirs(out, exist_ok=True)
-    meta = {"environment": result["environment"], "config": result["config"],
+    """The result files and figures; the checkpoint goes once sweep.json holds everything."""
+    meta = {"environment": result["environment"], "flags": result["flags"],
             "peaks_tflops": result["peaks_tflops"]}
-    paths = [P.write_json(result, os.path.join(out, "sweep.json")),
-             P.write_csv(result["rows"], os.path.join(out, "sweep.csv"), meta),
-             P.write_csv(result["break_even"], os.path.join(out, "breakeven.csv"), meta)]
+    def path(name):
+        return common.output_path(out, name)
+
+    paths = [common.write_result(result, path("sweep.json")),
+             T.write_csv(result["rows"], path("sweep.csv"), meta),
+             T.write_csv(result["break_even"], path("breakeven.csv"), meta)]
     if result["reduced_precision"]:
-        paths.append(P.write_csv(result["reduced_precision"], os.path.join(out, "reduced_precision.csv"), meta))
-    paths += P.sweep_figures(result, out)
-    return paths
+        paths.append(T.write_csv(result["reduced_precision"], path("reduced_precision.csv"), meta))
+    if os.path.exists(partial_path(out)):
+        os.remove(partial_path(out))
+    return paths + P.sweep_figures(result, os.path.dirname(path("sweep.csv")))
 
 
 def main(argv):
@@ -353,7 +392,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     result = run_sweep(config_from_flags())
     print(report(result))
-    paths = write_outputs(result, result["config"]["out"])
+    paths = write_outputs(result, result["flags"]["out"])
     print("\nwrote " + ", ".join(os.path.relpath(p) if not os.path.isabs(p) else p for p in paths))
 
 

@@ -1,39 +1,34 @@
-"""Whole-model benchmark: dense vs sparsified VGG-16 and ResNet-50 forward under jax.jit.
+r"""Whole-model benchmark: dense vs sparsified VGG-16 and ResNet-50 forward under jax.jit.
 
 For each model, precision mode, batch size and sparsity: the dense model (XLA
 convolutions, pruned weights so both compute the same function), the model
 sparsified with ``policy='sparse'`` (every conv a `SparseConv`), and optionally
 ``policy='auto'`` (per-layer choice by chain-method timings). The time is the
 median wall time of one synchronised jitted forward call (after compile and
-warm-up); speedup = dense / sparse.
+warm-up); speedup = dense / sparse. Writes ``whole_model.json`` (the result envelope
+of ``common.py``) to ``--out``, after every row.
 
 The defaults are a small CPU configuration that runs in well under a minute
 (width 1/8, 32x32 inputs). The ImageNet configuration:
 
-  python experiments/whole_model_benchmark.py --width=1 --resolution=224 \
-      --modes=float32_highest,float32,bfloat16 --out=experiments/results/whole_model_h200.json
+    python3 experiments/whole_model_benchmark.py --width=1 --resolution=224 \
+        --modes=float32_highest,float32,bfloat16 --out=results_tmp/whole_model_gpu
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 from absl import app, flags
 
-import layers as L  # the precision modes shared by every experiment script (this folder is on sys.path)
+import common
+import layers as L
 
-flags.DEFINE_list("models", ["vgg16", "resnet50"], "Models: vgg16, resnet50.")
-flags.DEFINE_list("batch", ["1", "32"], "Batch sizes.")
-flags.DEFINE_list("sparsity", ["0.8", "0.9", "0.95"], "Sparsities (every convolution, magnitude pruning).")
-flags.DEFINE_list("modes", ["float32_highest"], "Precision modes: float32_highest, float32, bfloat16, float16.")
+common.define_flags("budget_s", "out", model=["vgg16", "resnet50"], batch=[1, 32], sparsity=[0.8, 0.9, 0.95],
+                    modes=["float32_highest"], repeats=5, choices={"model": ("vgg16", "resnet50")})
 flags.DEFINE_float("width", 0.125, "Channel width multiplier (1 = the published models).")
 flags.DEFINE_integer("resolution", 32, "Input side (224 = ImageNet).")
-flags.DEFINE_integer("repeats", 5, "Timed calls (median).")
 flags.DEFINE_bool("auto", False, "Also time policy='auto' (per-layer chain timings; slow).")
-flags.DEFINE_float("budget_s", 0.0, "Start no new (model, mode, batch) after this many seconds (0: none).")
-flags.DEFINE_string("out", "", "JSON output path (default experiments/results/whole_model_<platform>.json).")
 FLAGS = flags.FLAGS
 
 
@@ -67,15 +62,6 @@ def compiled(model):
     return jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)), state
 
 
-def write(out, rows, start, skipped):
-    from jaxsparse.benchmark import environment
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"environment": environment(), "flags": {k: FLAGS[k].value for k in
-                   ("models", "batch", "sparsity", "modes", "width", "resolution", "repeats", "auto", "budget_s")},
-                   "elapsed_s": time.perf_counter() - start, "skipped": skipped, "rows": rows}, f, indent=1)
-
-
 def main(argv):
     del argv
     import jax
@@ -84,23 +70,29 @@ def main(argv):
     from jaxsparse.nn import sparsify
 
     rows, skipped = [], []
-    start = time.perf_counter()
-    out = FLAGS.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                    f"whole_model_{environment()['platform']}.json")
+    start = time.time()
+    env = environment()
+    out = common.output_path(FLAGS.out or common.default_out("whole_model"), "whole_model.json")
+    repeats = common.auto_repeats(FLAGS.repeats)
+
+    def save():
+        common.write_result(common.envelope("whole_model", common.flag_values(__name__), rows, start,
+                                            skipped, env), out)
+
     header = (f"{'model':<9} {'mode':<16} {'batch':>5} {'sparsity':>8} {'dense ms':>9} {'sparse ms':>9} "
               f"{'speedup':>7} {'dense kern ms':>13} {'sparse kern ms':>14}")
     print(header + ("  auto ms (sparse layers)" if FLAGS.auto else ""))
-    for name in FLAGS.models:
+    for name in FLAGS.model:
         for mode in FLAGS.modes:
             dtype_name, precision = L.MODES[mode]
             dtype = jnp.dtype(dtype_name)
             model = build(name, dtype, getattr(jax.lax.Precision, precision))
-            for batch in map(int, FLAGS.batch):
-                if FLAGS.budget_s and time.perf_counter() - start > FLAGS.budget_s:
+            for batch in FLAGS.batch:
+                if FLAGS.budget_s and time.time() - start > FLAGS.budget_s:
                     skipped.append(f"{name} {mode} b{batch}")
                     continue
                 x = random_input((batch, FLAGS.resolution, FLAGS.resolution, 3), dtype, seed=batch)
-                for s in map(float, FLAGS.sparsity):
+                for s in FLAGS.sparsity:
                     dense, _ = sparsify(model, s, policy="dense")
                     sparse, report = sparsify(model, s, policy="sparse")
                     fd, sd = compiled(dense)
@@ -111,8 +103,8 @@ def main(argv):
                     row = dict(model=name, mode=mode, dtype=dtype_name, precision=precision, batch=batch,
                                sparsity=s, width=FLAGS.width, resolution=FLAGS.resolution,
                                convs=len(report), max_rel_diff=err / scale,
-                               dense_us=median_call_us(fd, sd, x, repeats=FLAGS.repeats),
-                               sparse_us=median_call_us(fs, ss, x, repeats=FLAGS.repeats))
+                               dense_us=median_call_us(fd, sd, x, repeats=repeats),
+                               sparse_us=median_call_us(fs, ss, x, repeats=repeats))
                     row["speedup"] = row["dense_us"] / row["sparse_us"]
                     kd, ks = kernel_time_us(fd, sd, x), kernel_time_us(fs, ss, x)  # None on a CPU
                     row["dense_kernel_us"] = kd["total_us"] if kd else None
@@ -125,17 +117,17 @@ def main(argv):
                         auto, auto_report = sparsify(model, s, policy="auto", sample_input=x)
                         fa, sa = compiled(auto)
                         fa(sa, x)
-                        row["auto_us"] = median_call_us(fa, sa, x, repeats=FLAGS.repeats)
+                        row["auto_us"] = median_call_us(fa, sa, x, repeats=repeats)
                         row["auto_sparse_layers"] = sum(d.choice == "sparse" for d in auto_report)
                         row["auto_report"] = auto_report.to_json()["layers"]
                         line += f"  {row['auto_us'] / 1e3:.3f} ({row['auto_sparse_layers']}/{len(auto_report)})"
                     print(line, flush=True)
                     rows.append(row)
-                    write(out, rows, start, skipped)  # a checkpoint per row
-    write(out, rows, start, skipped)
+                    save()  # a checkpoint per row
+    save()
     if skipped:
         print("skipped (time budget): " + ", ".join(skipped))
-    print(f"wrote {out} ({time.perf_counter() - start:.1f} s)")
+    print(f"wrote {out} ({time.time() - start:.1f} s)")
 
 
 if __name__ == "__main__":

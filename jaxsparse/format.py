@@ -8,16 +8,37 @@ row-major flattening of ``kernel[..., :, r]``. Within a row, column indices are
 strictly increasing.
 
 Leaves (traced under jit/vmap/grad): ``data`` (nnz,) float32/bfloat16/float16,
-``indices`` (nnz,) int32, ``indptr`` (Cout + 1,) int32. Static metadata:
-``kernel_size``, ``in_channels``, ``out_channels``.
+``indices`` (nnz,) int32, ``indptr`` (Cout + 1,) int32. Static metadata (the
+pytree's aux data, kept by every pytree operation: ``jax.device_put``,
+``tree_map``, jit outputs): ``kernel_size``, ``in_channels``, ``out_channels``
+(either channel count may be 0, as in lax) and ``allow_nonfinite``.
+
+Leaves given as Python lists, tuples or scalars are converted: numbers to
+float32 ``data`` (as ``jnp.asarray`` would; in `with_data`, to the filter's
+own dtype), integers to int32 ``indices`` / ``indptr``. Arrays (NumPy, JAX) keep their dtype: ``data`` must already be
+float32, bfloat16 or float16 (float64 is refused, not rounded); integer
+``indices`` / ``indptr`` of another integer dtype are converted to int32 when
+every value fits. Ragged, non-numeric, boolean or floating-point indices (even
+``2.0``; ``1.5`` is never truncated to 1) raise `SparseFilterError`.
 
 Validation. Every invariant is checked with NumPy wherever the arrays are
 concrete: at construction, in `from_dense`, `load_dlmc` and `astype`, and when a
-concrete filter reaches `jaxsparse.sparse_conv`. Filters rebuilt from traced
-leaves (inside jit, vmap, grad) are assumed valid; the native kernels still
-never read out of bounds (the CPU kernel checks the structure on every call and
-raises; the CUDA kernels, which cannot raise without a sync, write NaN to the
-output channels of malformed rows).
+concrete filter reaches `jaxsparse.sparse_conv`. Non-finite ``data`` is an error
+unless the filter was built with ``allow_nonfinite=True``; the flag is static
+metadata, so a filter rebuilt by a pytree operation, `astype` or `with_data`
+keeps it (and eager calls agree with jit, which never looks at values). As
+metadata, the flag is part of the filter's tree structure: filters differing
+only in ``allow_nonfinite`` do not share a tree structure (no ``tree_map`` over
+both, no ``lax.cond`` choosing between them).
+Filters rebuilt from traced leaves (inside jit, vmap, grad) are assumed valid;
+the native kernels still never read out of bounds (the CPU kernel checks the
+structure on every call and raises; the CUDA kernels, which cannot raise
+without a sync, write NaN to the output channels of malformed rows).
+
+Non-finite inputs. A stored entry takes part in the convolution even when its
+value is 0.0; a pruned position is absent (a structural zero). So a NaN input
+makes an output NaN only where a stored entry meets it, and ``0 * Inf`` happens
+only for an explicitly stored 0.0: see `jaxsparse.sparse_conv`.
 """
 
 from __future__ import annotations
@@ -28,6 +49,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxsparse.geometry import as_static_int, as_static_ints
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 
@@ -40,35 +63,109 @@ def _is_concrete(a) -> bool:
     return not isinstance(a, jax.core.Tracer)
 
 
+_INT32 = np.iinfo(np.int32)
+
+
+def _leaf(value, name: str, dtype=np.float32):
+    """``value`` as a leaf: arrays keep their dtype (integer index arrays become int32
+    when every value fits); Python lists, tuples and scalars are converted (``data``
+    to ``dtype``)."""
+    if isinstance(value, (np.ndarray, jax.Array)):
+        return value if name == "data" else _int32_indices(value, name)
+    return _from_python(value, name, dtype)
+
+
+def _int32_indices(array, name: str):
+    dtype = np.dtype(array.dtype)
+    if dtype == np.int32 or dtype.kind not in "iu" or not _is_concrete(array):
+        return array  # int32 already, or refused by validate (float, bool, traced int64)
+    values = np.asarray(array)
+    if values.size and (values.min() < _INT32.min or values.max() > _INT32.max):
+        bad = values[(values < _INT32.min) | (values > _INT32.max)][0]
+        raise SparseFilterError(f"{name} value {bad} does not fit in int32")
+    return array.astype(np.int32)
+
+
+def _from_python(value, name: str, dtype=np.float32) -> np.ndarray:
+    """A Python list/tuple/scalar as a NumPy leaf: ``dtype`` (float32) data, int32 indices."""
+    kinds, what = ("iuf", "real numbers") if name == "data" else ("iu", "integers")
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as error:  # ragged nesting
+        raise SparseFilterError(f"{name} must be a 1-D array of {what}, got {_short(value)}: {error}") from None
+    if array.size == 0:
+        return array.astype(dtype if name == "data" else np.int32)
+    if array.dtype.kind not in kinds:
+        raise SparseFilterError(f"{name} must be a 1-D array of {what}, got {_short(value)} "
+                                f"({array.dtype} values)")
+    if name != "data":
+        return _int32_indices(array, name)
+    with np.errstate(over="ignore"):  # an overflow to Inf is reported by validate
+        return array.astype(dtype)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 @jax.tree_util.register_pytree_node_class
 class SparseFilter:
-    """A convolution filter with unstructured sparsity, stored as CSR over output channels."""
+    """A convolution filter with unstructured sparsity, stored as CSR over output channels.
+
+    Args:
+      data, indices, indptr: the CSR arrays (module docstring); Python lists
+        and tuples are converted, impossible conversions raise.
+      kernel_size, in_channels, out_channels: static ints.
+      allow_nonfinite: accept NaN/Inf in ``data``; static metadata, kept by
+        pytree operations, `astype` and `with_data`. Being pytree metadata (aux
+        data), it is part of the tree structure: two filters that differ only in
+        the flag have different tree structures, so they cannot be combined by
+        ``jax.tree_util.tree_map``, returned by the two branches of
+        ``lax.cond`` / ``lax.switch`` or stacked for ``vmap``; build both with
+        the same flag.
+      validate: check every invariant now (concrete arrays only).
+
+    Non-finite values in `jaxsparse.sparse_conv`: only the *stored* entries
+    take part. An output is NaN or +-Inf only where a stored entry meets a
+    non-finite input in its window (an explicitly stored 0.0 counts: ``0 * NaN``
+    and ``0 * Inf`` give NaN), or where a stored weight or the bias is
+    non-finite. Pruned positions are structural zeros that multiply nothing, so
+    the dense convolution with `todense` gives NaN at some outputs where the
+    sparse one is finite.
+    """
 
     def __init__(self, data, indices, indptr, *, kernel_size: Sequence[int], in_channels: int,
                  out_channels: int, allow_nonfinite: bool = False, validate: bool = True):
-        self.data = data
-        self.indices = indices
-        self.indptr = indptr
-        self.kernel_size = tuple(int(k) for k in kernel_size)
-        self.in_channels = int(in_channels)
-        self.out_channels = int(out_channels)
+        self.data = _leaf(data, "data")
+        self.indices = _leaf(indices, "indices")
+        self.indptr = _leaf(indptr, "indptr")
+        self.kernel_size = as_static_ints(kernel_size, "kernel_size")
+        self.in_channels = as_static_int(in_channels, "in_channels")
+        self.out_channels = as_static_int(out_channels, "out_channels")
+        self.allow_nonfinite = bool(allow_nonfinite)
         self._validated = False
         if validate:
-            self.validate(allow_nonfinite=allow_nonfinite)
+            self.validate()
 
     # ---- pytree -------------------------------------------------------------
     def tree_flatten(self):
         return (self.data, self.indices, self.indptr), (self.kernel_size, self.in_channels,
-                                                        self.out_channels)
+                                                        self.out_channels, self.allow_nonfinite)
 
     @classmethod
     def tree_unflatten(cls, aux, leaves):
-        kernel_size, in_channels, out_channels = aux
         obj = cls.__new__(cls)
         obj.data, obj.indices, obj.indptr = leaves
-        obj.kernel_size, obj.in_channels, obj.out_channels = kernel_size, in_channels, out_channels
+        obj.kernel_size, obj.in_channels, obj.out_channels, obj.allow_nonfinite = aux
         obj._validated = False
         return obj
+
+    def _rebuilt(self, data, indices, indptr, *, validate: bool) -> "SparseFilter":
+        """A filter with this one's metadata (allow_nonfinite included) and new leaves."""
+        return SparseFilter(data, indices, indptr, kernel_size=self.kernel_size,
+                            in_channels=self.in_channels, out_channels=self.out_channels,
+                            allow_nonfinite=self.allow_nonfinite, validate=validate)
 
     # ---- properties ---------------------------------------------------------
     @property
@@ -96,7 +193,9 @@ class SparseFilter:
 
     @property
     def density(self) -> float:
-        return self.nnz / float(self.taps * self.out_channels)
+        """nnz / (taps * out_channels); 0.0 for a filter with no positions (a zero channel count)."""
+        positions = self.taps * self.out_channels
+        return self.nnz / float(positions) if positions else 0.0
 
     @property
     def sparsity(self) -> float:
@@ -110,13 +209,22 @@ class SparseFilter:
     def is_concrete(self) -> bool:
         return all(_is_concrete(a) for a in (self.data, self.indices, self.indptr))
 
-    def validate(self, *, allow_nonfinite: bool = False) -> "SparseFilter":
-        """Checks every invariant; raises `SparseFilterError` naming the first problem."""
+    def validate(self, *, allow_nonfinite: bool | None = None) -> "SparseFilter":
+        """Checks every invariant; raises `SparseFilterError` naming the first problem.
+
+        ``allow_nonfinite``: None (default) uses the filter's own flag; a bool
+        overrides it for this check only. The filter counts as validated (so
+        `jaxsparse.sparse_conv` does not check it again eagerly) only after a
+        check at least as strict as its own flag: ``validate(allow_nonfinite=True)``
+        on a filter without the flag passes NaN here, and a later eager call still
+        refuses it."""
+        if allow_nonfinite is None:
+            allow_nonfinite = self.allow_nonfinite
         if len(self.kernel_size) not in (1, 2) or any(k < 1 for k in self.kernel_size):
             raise SparseFilterError(f"kernel_size must be 1 or 2 positive ints, got {self.kernel_size}")
-        if self.in_channels < 1 or self.out_channels < 1:
+        if self.in_channels < 0 or self.out_channels < 0:
             raise SparseFilterError(
-                f"in_channels and out_channels must be positive, got {self.in_channels}, {self.out_channels}")
+                f"in_channels and out_channels must be non-negative, got {self.in_channels}, {self.out_channels}")
         if self.taps > np.iinfo(np.int32).max:
             raise SparseFilterError("prod(kernel_size) * in_channels does not fit in int32")
         for name in ("data", "indices", "indptr"):
@@ -157,18 +265,31 @@ class SparseFilter:
                 raise SparseFilterError("column indices must be strictly increasing within each row")
         if not allow_nonfinite and not np.all(np.isfinite(np.asarray(self.data, np.float32))):
             raise SparseFilterError("data holds non-finite values (pass allow_nonfinite=True to accept)")
-        self._validated = True
+        if self.allow_nonfinite or not allow_nonfinite:
+            # a check at least as strict as the filter's own flag: later eager calls may skip it
+            # (a looser override, allow_nonfinite=True on a filter without the flag, is not recorded)
+            self._validated = True
         return self
 
     # ---- conversions --------------------------------------------------------
     @classmethod
-    def from_dense(cls, kernel, sparsity: float | None = None, *, dtype=None) -> "SparseFilter":
+    def from_dense(cls, kernel, sparsity: float | None = None, *, dtype=None,
+                   allow_nonfinite: bool = False) -> "SparseFilter":
         """Builds a filter from a dense HWIO (or WIO) kernel.
 
         With ``sparsity=None`` the exact zeros of an already-pruned kernel are
-        dropped. With a float in [0, 1], the kernel is magnitude-pruned first,
-        keeping the ``round((1 - sparsity) * size)`` largest |w| of this layer
-        (ties broken by position).
+        dropped (NaN is not zero: it is kept). With a float in [0, 1], the kernel
+        is magnitude-pruned first (`magnitude_mask`), keeping the
+        ``round((1 - sparsity) * size)`` largest |w| of this layer (ties broken
+        by position); a NaN ranks below every number, so it is pruned first,
+        and +-Inf ranks above every finite value.
+
+        Non-finite values are checked *after* pruning and after the conversion
+        to ``dtype`` (where a large value may overflow to Inf): a NaN or Inf that
+        pruning removes is no error (it becomes a structural zero, never a kept
+        finite value); one that is kept raises `SparseFilterError` naming its
+        position, unless ``allow_nonfinite=True``, which keeps it as stored
+        data and sets the filter's ``allow_nonfinite`` flag.
         """
         if not _is_concrete(kernel):
             raise TypeError("from_dense needs a concrete kernel (the number of nonzeros must be static); "
@@ -179,20 +300,19 @@ class SparseFilter:
         dtype = np.dtype(kernel.dtype if dtype is None else dtype)
         if dtype not in SUPPORTED_DTYPES:
             raise SparseFilterError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-        if not np.all(np.isfinite(kernel.astype(np.float32))):
-            raise SparseFilterError("kernel holds non-finite values")
         kernel_size, cin, cout = kernel.shape[:-2], kernel.shape[-2], kernel.shape[-1]
-        rows = kernel.reshape(-1, cout).T  # (Cout, taps), columns in (kh, kw, ci) order
-        if sparsity is None:
-            mask = rows != 0
-        else:
-            mask = magnitude_mask(rows, sparsity)
+        rows = kernel.reshape(math.prod(kernel.shape[:-1]), cout).T  # (Cout, taps), (kh, kw, ci) order
+        mask = rows != 0 if sparsity is None else magnitude_mask(rows, sparsity)
         counts = mask.sum(axis=1)
         indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-        _, cols = np.nonzero(mask)  # row-major: rows ascending, columns ascending
-        data = rows[mask].astype(dtype)
+        out_channel, cols = np.nonzero(mask)  # row-major: rows ascending, columns ascending
+        with np.errstate(over="ignore"):  # an overflow to Inf is reported below
+            data = rows[mask].astype(dtype)
+        if not allow_nonfinite:
+            _check_kept_finite(data, out_channel, cols, kernel.shape)
         return cls(jnp.asarray(data), jnp.asarray(cols.astype(np.int32)), jnp.asarray(indptr),
-                   kernel_size=kernel_size, in_channels=cin, out_channels=cout)
+                   kernel_size=kernel_size, in_channels=cin, out_channels=cout,
+                   allow_nonfinite=allow_nonfinite)
 
     def todense(self) -> jax.Array:
         """The equivalent dense kernel, shape ``kernel_size + (Cin, Cout)`` (works under jit)."""
@@ -200,28 +320,51 @@ class SparseFilter:
         return densify(self.data, self.indices, self.indptr, self.kernel_size, self.in_channels)
 
     def astype(self, dtype) -> "SparseFilter":
+        """The same filter with ``data`` in ``dtype`` (``allow_nonfinite`` kept)."""
         return self.with_data(self.data.astype(dtype))
 
     def with_data(self, data) -> "SparseFilter":
-        """The same sparsity structure with new nonzero values."""
+        """The same sparsity structure (and ``allow_nonfinite`` flag) with new nonzero values.
+
+        An array (NumPy, JAX) keeps its dtype, which must be a supported one; a Python
+        list, tuple or scalar is converted to this filter's dtype (rounded once, as
+        ``np.asarray(data, self.dtype)``; a value too large for a half type becomes
+        Inf, refused as non-finite unless the filter allows it)."""
+        data = _leaf(data, "data", dtype=self.dtype)
         if data.shape != self.data.shape:
             raise SparseFilterError(f"new data has shape {data.shape}, expected {self.data.shape}")
-        if self.is_concrete() and _is_concrete(data):
-            return SparseFilter(data, self.indices, self.indptr, kernel_size=self.kernel_size,
-                                in_channels=self.in_channels, out_channels=self.out_channels)
-        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(self),
-                                            (data, self.indices, self.indptr))
+        concrete = self.is_concrete() and _is_concrete(data)
+        return self._rebuilt(data, self.indices, self.indptr, validate=concrete)
+
+
+def _check_kept_finite(data: np.ndarray, out_channel: np.ndarray, cols: np.ndarray, shape) -> None:
+    """Raises naming the first kept non-finite value and its position in the dense kernel."""
+    bad = ~np.isfinite(np.asarray(data, np.float32))
+    if not bad.any():
+        return
+    flat = np.where(bad, cols.astype(np.int64) * shape[-1] + out_channel, np.iinfo(np.int64).max)
+    first = int(np.argmin(flat))  # the first in the kernel's own (row-major HWIO) order
+    position = np.unravel_index(int(flat[first]), shape)
+    raise SparseFilterError(
+        f"kernel holds {int(bad.sum())} non-finite value(s) that pruning keeps (first: "
+        f"kernel{tuple(int(i) for i in position)} = {data[first]} as {data.dtype}); prune them, "
+        "or pass allow_nonfinite=True to store them")
 
 
 def magnitude_mask(weights: np.ndarray, sparsity: float) -> np.ndarray:
-    """Boolean mask keeping the ``round((1 - sparsity) * size)`` largest |w|."""
+    """Boolean mask keeping the ``round((1 - sparsity) * size)`` largest |w|.
+
+    Ties are broken by position (the first is kept). NaN ranks below every
+    number, 0 included (NaN weights are pruned first, never kept ahead of a
+    number); +-Inf ranks above every finite value."""
     if not 0.0 <= float(sparsity) <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
-    flat = np.abs(np.asarray(weights, np.float32)).ravel()
-    keep = int(round((1.0 - float(sparsity)) * flat.size))
-    mask = np.zeros(flat.size, bool)
+    magnitude = np.abs(np.asarray(weights, np.float32)).ravel()
+    rank_key = np.where(np.isnan(magnitude), -1.0, magnitude)
+    keep = int(round((1.0 - float(sparsity)) * magnitude.size))
+    mask = np.zeros(magnitude.size, bool)
     if keep > 0:
-        order = np.argsort(-flat, kind="stable")
+        order = np.argsort(-rank_key, kind="stable")
         mask[order[:keep]] = True
     return mask.reshape(np.shape(weights))
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jaxsparse.nn.layers import apply_sparse_conv, canonicalize_padding, csr_from_mask
+from jaxsparse.nn.layers import apply_sparse_conv, csr_from_mask, layer_geometry
 from jaxsparse.format import magnitude_mask
 
 STRUCTURE = "sparse_structure"
@@ -38,7 +38,11 @@ def _csr_top_k(kernel, nnz: int):
 
 
 class SparseConv(nn.Module):
-    """Linen convolution with an unstructured-sparse filter (fields as `flax.linen.Conv`)."""
+    """Linen convolution with an unstructured-sparse filter (fields as `flax.linen.Conv`).
+
+    Geometry (``kernel_size``, ``strides``, ``padding``, ``kernel_dilation``) takes the
+    NNX layer's rules (`jaxsparse.nn.layers.layer_geometry`): integers only, never rounded
+    (a float or bool raises ``TypeError`` when the module is first called)."""
     features: int
     kernel_size: int | tp.Sequence[int]
     strides: int | tp.Sequence[int] = 1
@@ -56,8 +60,9 @@ class SparseConv(nn.Module):
 
     @nn.compact
     def __call__(self, inputs, activation: str | None | tp.Literal[False] = False):
-        ks = (self.kernel_size,) if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
-        nd = len(ks)
+        # the NNX layer's checks: integers only, never rounded
+        ks, strides, padding, dilation = layer_geometry(self.kernel_size, self.strides, self.padding,
+                                                        self.kernel_dilation)
         cin = inputs.shape[-1]
         shape = ks + (cin, self.features)
         nnz = int(round((1.0 - float(self.sparsity)) * math.prod(shape)))
@@ -73,13 +78,9 @@ class SparseConv(nn.Module):
         indices = self.variable(STRUCTURE, "indices", lambda: init["indices"]).value
         indptr = self.variable(STRUCTURE, "indptr", lambda: init["indptr"]).value
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-
-        def tup(v):
-            return (int(v),) * nd if isinstance(v, int) else tuple(int(a) for a in v)
         return apply_sparse_conv(
             inputs, data, indices, indptr, bias, kernel_size=ks, in_features=cin,
-            out_features=self.features, strides=tup(self.strides),
-            padding=canonicalize_padding(self.padding, nd), kernel_dilation=tup(self.kernel_dilation),
+            out_features=self.features, strides=strides, padding=padding, kernel_dilation=dilation,
             dtype=self.dtype, activation=self.activation if activation is False else activation,
             precision=self.precision, kernel_family=self.kernel_family)
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsparse.format import SUPPORTED_DTYPES, SparseFilter, SparseFilterError
-from jaxsparse.geometry import conv_output_shape, normalize_ints, normalize_padding
+from jaxsparse.geometry import conv_output_shape, kernel_fits, normalize_ints, normalize_padding
 from jaxsparse.options import ConvOptions
 from jaxsparse.primitive import bind
 
@@ -24,6 +24,25 @@ def _relu_flag(activation) -> bool:
     raise ValueError(f"activation must be None, 'relu' or jax.nn.relu, got {activation!r}")
 
 
+def _check_kernel_fits(spatial, kernel_size, pads, dilation) -> None:
+    """A non-empty input must be at least as large as the dilated kernel once padded
+    (where lax would silently return an empty axis; `geometry.kernel_fits`)."""
+    if not all(kernel_fits(s, k, p, d) for s, k, p, d in zip(spatial, kernel_size, pads, dilation)):
+        raise ValueError(f"the filter (kernel {kernel_size}, dilation {dilation}) is larger than "
+                         f"the padded input {spatial} with padding {pads}")
+
+
+def _without_products(out_shape, bias, relu: bool, dtype) -> jax.Array:
+    """The result when no weight meets an input element: an empty input (zero batch,
+    spatial size or channels; every window then holds padding only) or an empty output.
+    Each output is the bias (or 0) after the activation, as `lax.conv_general_dilated`
+    would give; the native kernel is not called."""
+    value = bias if bias.shape[0] else jnp.zeros((out_shape[-1],), dtype)
+    if relu:
+        value = jnp.maximum(value, 0)  # keeps a NaN bias NaN, like the kernel's fused ReLU
+    return jnp.broadcast_to(value.astype(dtype), out_shape)
+
+
 def sparse_conv(x, filter: SparseFilter, *, strides=1, padding="SAME", rhs_dilation=1, bias=None,
                 activation=None, precision=None, kernel: str | None = None) -> jax.Array:
     """Convolution of ``x`` with an unstructured-sparse filter.
@@ -34,12 +53,43 @@ def sparse_conv(x, filter: SparseFilter, *, strides=1, padding="SAME", rhs_dilat
     filters), followed by ``+ bias`` and the optional ReLU, fused in the kernel.
     Accumulation is float32 for every dtype.
 
+    Non-finite values (NaN, +-Inf) follow *sparse* semantics, as cuSPARSE and
+    scipy.sparse do, not those of the dense convolution. Output ``(n, p, co)``
+    is ``bias[co] + sum_j w_j * x[n, window(p, j)]`` over the entries ``j``
+    *stored* in row ``co`` of the filter, in IEEE float32 arithmetic, with zero
+    padding; a pruned weight is absent, not a zero that is multiplied. Hence:
+
+    * a stored entry (even an explicitly stored ``0.0``) that meets a NaN input
+      gives NaN, and so does a stored ``0.0`` meeting +-Inf;
+    * a stored nonzero weight meeting +-Inf gives +-Inf (NaN where both signs
+      meet in one sum);
+    * a non-finite input that meets only pruned taps never reaches the output:
+      with ``filter.todense()``, lax gives NaN there (``0 * NaN``, ``0 * Inf``);
+    * a non-finite stored weight (``allow_nonfinite=True``) or bias, or a sum
+      overflowing float32 or the output dtype, is non-finite as usual; the
+      fused ReLU keeps NaN, like ``jnp.maximum(y, 0)``.
+
+    This is the rule of the native kernels, which apply stored entries only
+    (tested on the CPU against a float64 reference); the dense fallback
+    lowering (platforms without a native kernel) computes with
+    ``filter.todense()`` and so follows the dense semantics.
+
+    Empty inputs follow `lax.conv_general_dilated`: an input with a zero-size
+    batch, spatial or channel axis gives the result of the shape lax gives
+    (an axis the kernel does not fit is empty), every element the bias (or 0)
+    after the activation, since no weight meets an input element; the native
+    kernel is not called. A *non-empty* input smaller than the dilated kernel
+    even after padding raises ``ValueError`` (lax would return an empty axis).
+
     Args:
       x: (N, H, W, Cin) for a 2-D filter, (N, W, Cin) for a 1-D one; float32,
         bfloat16 or float16, the dtype of the filter.
       filter: a `SparseFilter`.
       strides, rhs_dilation: an int or one int per spatial dimension, >= 1.
-      padding: 'SAME', 'VALID', or one (low, high) pair per spatial dimension.
+        Integers only (Python ints, integer NumPy scalars, 0-d integer
+        arrays): floats, strings and bools raise ``TypeError``, never rounded.
+      padding: 'SAME', 'VALID', 'SAME_LOWER' (any case), an int (every side),
+        or one (low, high) pair of non-negative ints per spatial dimension.
       bias: None or an array of shape (Cout,), cast to the dtype of ``x``.
       activation: None or 'relu' (or ``jax.nn.relu``).
       precision: as for `lax.conv_general_dilated` (`jaxsparse.options`):
@@ -93,13 +143,11 @@ def sparse_conv(x, filter: SparseFilter, *, strides=1, padding="SAME", rhs_dilat
             raise ValueError(f"bias must have shape ({filter.out_channels},), got {bias_arr.shape}")
         bias_arr = bias_arr.astype(x.dtype)
 
-    if any(s + lo + hi < (k - 1) * d + 1
-           for s, k, (lo, hi), d in zip(spatial, filter.kernel_size, pads, dilation)):
-        raise ValueError(f"the filter (kernel {filter.kernel_size}, dilation {dilation}) is larger than "
-                         f"the padded input {spatial} with padding {pads}")
+    if x.size:
+        _check_kernel_fits(spatial, filter.kernel_size, pads, dilation)
     out_shape = conv_output_shape(x.shape, filter.kernel_size, strides, pads, dilation, filter.out_channels)
-    if 0 in out_shape:
-        return jnp.zeros(out_shape, x.dtype)
+    if x.size == 0 or 0 in out_shape:
+        return _without_products(out_shape, bias_arr, relu, x.dtype)
 
     if nd == 1:
         x = x[:, None]

@@ -1,26 +1,26 @@
-"""The experiment scripts (experiments/*.py) on tiny configurations: flags, tables, files, figures."""
+"""The experiment scripts (experiments/*.py) on tiny configurations: tables, files, figures."""
 
 import csv
 import json
 import math
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
 
-EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
-sys.path.insert(0, EXPERIMENTS)
+from experiment_scripts import load, run
+from jaxsparse import benchmark as B
 
-from absl import flags  # noqa: E402
-
-import layers as L  # noqa: E402
-import network  # noqa: E402
-import plots as P  # noqa: E402
-import sweep  # noqa: E402
-from jaxsparse import benchmark as B  # noqa: E402
+BE = load("breakeven")
+C = load("common")
+L = load("layers")
+P = load("plots")
+T = load("tables")
+network = load("network")
+sweep = load("sweep")
 
 FLAGS = flags.FLAGS
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -44,9 +44,12 @@ def _read_csv(path):
     return comments, rows
 
 
-def _is_png(path):
+def _is_png(path, max_width=1000):
+    """A PNG of some content that fits a page about 1000 px wide."""
     with open(path, "rb") as f:
-        return f.read(8) == PNG_MAGIC and os.path.getsize(path) > 1000
+        head = f.read(24)
+    width = int.from_bytes(head[16:20], "big")  # IHDR: width, then height
+    return head[:8] == PNG_MAGIC and os.path.getsize(path) > 1000 and width <= max_width
 
 
 # ---- definitions ---------------------------------------------------------------
@@ -117,14 +120,34 @@ def test_chain_stays_finite_in_float16():
 
 def test_break_even():
     s = [0.5, 0.7, 0.9, 0.95]
-    val, note = P.break_even(s, [0.3, 0.6, 1.5, 3.0])
+    val, note = BE.break_even(s, [0.3, 0.6, 1.5, 3.0])
     assert 0.7 < val < 0.9 and note == f"{val:.3f}"
     # log-linear interpolation: exactly halfway in log space
-    assert P.break_even([0.8, 0.9], [0.5, 2.0])[0] == pytest.approx(0.85)
-    assert P.break_even(s, [1.2, 2, 3, 4]) == (None, "<=0.5")
-    assert P.break_even(s, [0.1, 0.2, 0.5, 0.9]) == (None, ">0.95")
-    assert P.break_even(s, [None] * 4) == (None, "n/a")
-    assert P.ratio(-1.0, 2.0) is None and P.ratio(1.0, 0.0) is None and P.ratio(3.0, 2.0) == 1.5
+    assert BE.break_even([0.8, 0.9], [0.5, 2.0])[0] == pytest.approx(0.85)
+    assert BE.break_even(s, [1.2, 2, 3, 4]) == (None, "<=0.5")
+    assert BE.break_even(s, [0.1, 0.2, 0.5, 0.9]) == (None, ">0.95")
+    assert BE.break_even(s, [None] * 4) == (None, "n/a")
+    notes = ["0.812", ">0.98", "<=0.8", "0.8", "n/a"]
+    assert sorted(notes, key=BE.note_order) == ["<=0.8", "0.8", "0.812", ">0.98", "n/a"]
+    assert T.ratio(-1.0, 2.0) is None and T.ratio(1.0, 0.0) is None and T.ratio(3.0, 2.0) == 1.5
+
+
+def test_break_even_rows_group_and_carry():
+    rows = [{"model": "m", "layer": "a", "batch": 1, "mode": "float32", "sparsity": s, "speedup": v,
+             "basis": "chain", "speedup_kernel": k}
+            for s, v, k in ((0.8, 0.5, 2.0), (0.9, 2.0, 3.0))]
+    (row,) = BE.break_even_rows(rows)
+    assert row["break_even"] == pytest.approx(0.85) and row["basis"] == "chain" and row["sparsities"] == "0.8,0.9"
+    (row,) = BE.break_even_rows(rows, group=("layer",), speedup="speedup_kernel", carry=())
+    assert row["note"] == "<=0.8" and "basis" not in row
+
+
+def test_reduced_precision_figure_with_one_sparsity(tmp_path):
+    """One sparsity per bar: its geometric mean may exceed the value in the last bit (no negative whisker)."""
+    gain = next(v for v in np.random.default_rng(0).uniform(0.1, 3.0, 10000) if T.geomean([v]) > v)
+    rows = [{"layer": "vgg.conv3_2", "batch": 1, "sparsity": 0.9, "low_mode": low, "ref_mode": "float32",
+             "dense_gain": 1.5, "sparse_gain": gain} for low in ("bfloat16", "float16")]
+    assert _is_png(P.plot_reduced_precision(rows, str(tmp_path / "rp.png")))
 
 
 def test_require_cuda_is_respected(monkeypatch):
@@ -132,29 +155,35 @@ def test_require_cuda_is_respected(monkeypatch):
         pytest.skip("checks the no-GPU path")
     monkeypatch.setenv("JAXSPARSE_REQUIRE_CUDA", "1")
     with pytest.raises(RuntimeError, match="JAXSPARSE_REQUIRE_CUDA"):
-        L.check_backend()
+        C.check_backend()
 
 
 # ---- the scripts ------------------------------------------------------------------
+
+
+ENVELOPE = {"kind", "environment", "flags", "elapsed_s", "skipped", "rows"}
+CHECKS = ("ok", "remeasured", "fallback")
 
 
 def test_sweep_tiny(tmp_path, parse_flags, capsys):
     out = tmp_path / "sweep"
     parse_flags(["--model=vgg16,resnet50_1x1,cnn_non_static",
                  "--layers=vgg.conv5_1,vgg.conv4_1,r50.g4.reduce,r50.g4.shortcut,kim.w3",
-                 "--sparsity=0.8,0.95", "--dtype=float32,bfloat16", "--batch=1", "--cnn_batch=",
-                 "--scale=8", "--reps=2", "--k_small=1", "--k_large=3", "--peak_n=128", "--pattern=uniform",
+                 "--sparsity=0.8,0.95", "--modes=float32,bfloat16", "--batch=1", "--cnn_batch=",
+                 "--scale=8", "--repeats=2", "--k_small=1", "--k_large=3", "--peak_n=128", "--pattern=uniform",
                  f"--out={out}", "--noprogress"])
     cfg = sweep.config_from_flags()
-    assert cfg.modes == ["float32", "bfloat16"] and cfg.sparsities == [0.8, 0.95] and cfg.cnn_batches == []
+    assert cfg.modes == ["float32", "bfloat16"] and cfg.sparsity == [0.8, 0.95] and cfg.cnn_batch == []
     sweep.main(["sweep"])
     printed = capsys.readouterr().out
     assert "sparse µs" in printed and "vgg.conv5_1" in printed and "break-even" in printed
     assert "reduced precision" in printed
+    assert all(f"{column} =" in printed for column in ("per", "basis", "sp %peak"))  # the columns explained
 
     result = json.loads((out / "sweep.json").read_text())
+    assert ENVELOPE <= set(result) and result["kind"] == "sweep"
     assert result["environment"]["platform"] and result["environment"]["jax"] and result["environment"]["date"]
-    assert result["config"]["layers"][0] == "vgg.conv5_1" and result["config"]["scale"] == 8
+    assert result["flags"]["layers"][0] == "vgg.conv5_1" and result["flags"]["scale"] == 8
     assert set(result["peaks_tflops"]) == {"float32", "bfloat16", "float32_highest"}
     rows = result["rows"]
     assert len(rows) == 5 * 2 * 2
@@ -169,16 +198,22 @@ def test_sweep_tiny(tmp_path, parse_flags, capsys):
     assert all(np.isfinite(r["sparse_us"]) and np.isfinite(r["dense_us"]) for r in rows)
     assert all(r["sparse_kernel_us"] is None for r in rows) or B.gpu_present()
     # The two float32-exact sparse measurements are shared, the dense ones are not.
-    assert len(result["break_even"]) == 5 * 2
+    assert result["break_even"] == BE.break_even_rows(T.measured(rows)) and len(result["break_even"]) == 5 * 2
+    # Every chain time is checked (against the measured peak too) and the row says how it went.
+    chained = [r for r in rows if r["unit"] != "call"]
+    assert all(r["dense_check"] in CHECKS and r["sparse_check"] in CHECKS for r in chained)
+    assert all(r["dense_timing"]["bounds_us"][0] > 0 for r in chained)  # the peak check was on
+    assert all("dense_check" not in r for r in rows if r["unit"] == "call")
     assert {r["low_mode"] for r in result["reduced_precision"]} == {"bfloat16"}
 
     comments, csv_rows = _read_csv(out / "sweep.csv")
-    assert any(c.startswith("# environment:") for c in comments) and any("# config:" in c for c in comments)
+    assert any(c.startswith("# environment:") for c in comments) and any("# flags:" in c for c in comments)
     assert len(csv_rows) == len(rows) and float(csv_rows[0]["sparse_us"]) > 0
     assert len(_read_csv(out / "breakeven.csv")[1]) == 10
     assert len(_read_csv(out / "reduced_precision.csv")[1]) == 5 * 2
     for name in ("speedup_vs_sparsity_b1.png", "breakeven_b1.png", "reduced_precision.png"):
         assert _is_png(out / name), name
+    assert not (out / "sweep.partial.json").exists()  # the checkpoint goes when the run completes
     # figures can be redrawn from the JSON alone
     for p in P.sweep_figures(result, str(tmp_path)):
         assert _is_png(p)
@@ -186,12 +221,13 @@ def test_sweep_tiny(tmp_path, parse_flags, capsys):
 
 def test_network_tiny(tmp_path, parse_flags, capsys):
     out = tmp_path / "network"
-    parse_flags(["--model=all", "--sparsity=0.9", "--dtype=float32,float16", "--batch=1",
-                 "--cnn_batch=2", "--scale=16", "--reps=2", "--pattern=uniform", f"--out={out}",
+    parse_flags(["--model=all", "--sparsity=0.9", "--modes=float32,float16", "--batch=1",
+                 "--cnn_batch=2", "--scale=16", "--repeats=2", "--pattern=uniform", f"--out={out}",
                  "--noprogress"])
     network.main(["network"])
     assert "han" in capsys.readouterr().out
     result = json.loads((out / "network.json").read_text())
+    assert ENVELOPE <= set(result) and result["kind"] == "network" and result["flags"]["han"]
     rows = result["rows"]
     # vgg16: 0.9 + han; cnn: batches 1 and 2; resnet: one; each at two precisions
     assert len(rows) == (2 + 2 + 1) * 2
@@ -215,10 +251,10 @@ def test_network_tiny(tmp_path, parse_flags, capsys):
 
 
 def test_budget_checkpoint_and_summary(tmp_path):
-    """--budget_s skips (and lists) layers; a checkpoint is written per layer; summarize.py reads the JSON."""
-    import subprocess
-    cfg = sweep.SweepConfig(models=["vgg16"], layers=["vgg.conv5_1", "vgg.conv4_1"], sparsities=[0.9, 0.95],
-                            modes=["float32_highest", "float32"], batches=[1], cnn_batches=[], scale=8, reps=2,
+    """--budget_s skips (and lists) layers; a checkpoint is written per layer and removed with the
+    final files; summarize.py reads the JSON."""
+    cfg = sweep.SweepConfig(model=["vgg16"], layers=["vgg.conv5_1", "vgg.conv4_1"], sparsity=[0.9, 0.95],
+                            modes=["float32_highest", "float32"], batch=[1], cnn_batch=[], scale=8, repeats=2,
                             k_small=1, k_large=3, peak_n=128, out=str(tmp_path / "s"), progress=False,
                             budget_s=1e-9)
     skipped = sweep.run_sweep(cfg)
@@ -227,18 +263,18 @@ def test_budget_checkpoint_and_summary(tmp_path):
     cfg.budget_s = 0.0
     result = sweep.run_sweep(cfg)
     assert result["skipped"] == [] and len(result["rows"]) == 2 * 2 * 2
-    partial = json.loads((tmp_path / "s" / "sweep.partial.json").read_text())
-    assert len(partial["rows"]) == len(result["rows"])  # the last checkpoint holds every layer
+    partial = tmp_path / "s" / "sweep.partial.json"
+    assert len(json.loads(partial.read_text())["rows"]) == len(result["rows"])  # the last checkpoint holds all
     sweep.write_outputs(result, cfg.out)
+    assert not partial.exists() and (tmp_path / "s" / "sweep.json").is_file()
 
-    md = tmp_path / "SUMMARY.md"
-    subprocess.run([sys.executable, os.path.join(EXPERIMENTS, "summarize.py"),
-                    f"--sweep={tmp_path / 's' / 'sweep.json'}", f"--out={md}"], check=True)
-    text = md.read_text()
+    done = run("summarize", f"--sweep={tmp_path / 's' / 'sweep.json'}", f"--out={tmp_path}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = (tmp_path / "SUMMARY.md").read_text()
     assert "## Targets of the CUDA-kernel issue" in text and "## Break-even sparsity, batch 1" in text
     # The geomean row comes from the JSON. On a busy CPU a tiny layer's chain slope can be lost
     # in noise (speedup None); the geomean skips it and the count still names both layers.
-    speedups = [r["speedup"] for r in result["rows"]
+    speedups = [r["speedup"] for r in T.measured(result["rows"])
                 if r["sparsity"] == 0.9 and r["mode"] == "float32_highest" and r["speedup"]]
     assert "| 1 | 0.9 | " in text
     if speedups:
@@ -246,23 +282,100 @@ def test_budget_checkpoint_and_summary(tmp_path):
         assert f"| 1 | 0.9 | {gm:.2f} (2) |" in text
 
 
+def test_fallback_times_are_recorded_marked_and_left_out(tmp_path, monkeypatch, capsys):
+    """A chain time that failed its checks: the row records it, the table marks it '~', break-even,
+    gains, geomean and figures leave it out; rows from before the checks count as measured."""
+    # r50.g4.reduce (a pair, 1x1): dense, sparse at 0.5, 0.8, 0.95, then BCSR at the same three
+    times = iter([(100.0, "ok"), (200.0, "remeasured"), (100 / 0.9, "fallback"), (50.0, "ok"),
+                  (300.0, "fallback"), (300.0, "ok"), (300.0, "ok")])
+    calls = []
+
+    def fake_chain_time_us(steps, x, *, flops, peak_tflops, **kwargs):
+        us, check = next(times)
+        calls.append((flops, peak_tflops))
+        return B.ChainTime(us, check=check, reason="" if check == "ok" else "attempt 1: test")
+
+    monkeypatch.setattr(B, "chain_time_us", fake_chain_time_us)
+    monkeypatch.setattr(sweep, "measure_peaks", lambda modes, n: {"float32": 3.0, "float32_highest": 1.0})
+    cfg = sweep.SweepConfig(model=["resnet50_1x1"], layers=["r50.g4.reduce"], sparsity=[0.5, 0.8, 0.95],
+                            modes=["float32"], batch=[1], cnn_batch=[], scale=8, repeats=1, k_small=1, k_large=3,
+                            pattern="uniform", out=str(tmp_path), progress=False)
+    result = sweep.run_sweep(cfg)
+    by = {r["sparsity"]: r for r in result["rows"]}
+    layer = L.select(["resnet50_1x1"], ["r50.g4.reduce"])[0].scaled(8)
+    # the peak check: dense FLOP of the pair at its mode's peak; sparse and BCSR useful FLOP at the
+    # largest peak of the float32 modes
+    useful = 2.0 * (by[0.5]["nnz"] + by[0.5]["nnz_mirror"]) * layer.out_pixels
+    assert calls[0] == (pytest.approx(sweep.step_flops(layer, 1)), 3.0) and calls[1] == (useful, 3.0)
+    assert calls[4] == (useful, 3.0)
+    assert by[0.8]["sparse_check"] == "fallback" and by[0.8]["sparse_timing"]["reason"] == "attempt 1: test"
+    assert by[0.5]["sparse_check"] == "remeasured" and by[0.5]["dense_check"] == "ok"
+    assert by[0.5]["bcsr_check"] == "fallback" and by[0.8]["bcsr_check"] == "ok"
+    assert by[0.8]["speedup"] == pytest.approx(0.9)  # the row keeps the estimate, flagged
+    assert T.fallback_fields(by[0.8]) == {"sparse_us", "speedup", "sparse_tflops", "sparse_frac_peak",
+                                          "sparse_frac_f32_peak", "speedup_vs_bcsr"}
+    assert T.fallback_fields(by[0.5]) == {"bcsr_us", "speedup_vs_bcsr"}
+    # break-even from 0.5 (x0.5) and 0.95 (x2) only: 0.5 + 0.45 * log 2 / log 4
+    (be,) = result["break_even"]
+    assert be["break_even"] == pytest.approx(0.725)
+
+    text = sweep.report(result)
+    assert "~0.90" in text and "~111.1" in text and " 0.50 " in text and "~1.50" in text  # 0.5: BCSR marked
+    assert "geometric-mean speedup over all measured rows: 1.00x" in text and "2 rows rest on a fallback" in text
+    paths = sweep.write_outputs(result, str(tmp_path))
+    _, csv_rows = _read_csv(tmp_path / "sweep.csv")
+    assert [r["sparse_check"] for r in csv_rows] == ["remeasured", "fallback", "ok"]
+    assert all(_is_png(p) for p in paths if p.endswith(".png"))
+
+    # A result from before the checks (no *_check keys): every time counts as measured.
+    old = {**result, "rows": [{k: v for k, v in r.items() if not k.endswith(("_check", "_timing"))}
+                              for r in result["rows"]]}
+    merged = T.merge_sweeps([old])
+    assert T.measured(old["rows"]) == old["rows"]
+    assert "~0" not in sweep.report(merged) and "rest on a fallback" not in sweep.report(merged)
+    assert merged["break_even"][0]["break_even"] > 0.8  # the 0.8 point (x0.9) now counts
+    for path in sorted((C.REPO / "experiments" / "results" / "h200" / "raw").glob("sweep_*.json")):
+        rows = C.read_result(str(path))["rows"]
+        assert rows and T.measured(rows) == rows
+
+
 def test_whole_model_benchmark_tiny(tmp_path):
     """Dense vs sparsified Flax VGG-16 under jit: same outputs, a row per sparsity, budget listed."""
-    import subprocess
     out = tmp_path / "wm.json"
-    subprocess.run([sys.executable, os.path.join(EXPERIMENTS, "whole_model_benchmark.py"), "--models=vgg16",
-                    "--batch=1", "--sparsity=0.8,0.95", "--width=0.0625", "--resolution=32", "--repeats=1",
-                    "--modes=float32_highest,float32", "--budget_s=1e-9", f"--out={out}"], check=True)
+    tiny = ["--model=vgg16", "--batch=1", "--sparsity=0.8,0.95", "--width=0.0625", "--resolution=32",
+            "--repeats=1", f"--out={out}"]
+    done = run("whole_model_benchmark", *tiny, "--modes=float32_highest,float32", "--budget_s=1e-9")
+    assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     # the budget is checked per (model, mode, batch): the first one runs only if none has elapsed
     assert result["skipped"] and all(s.startswith("vgg16") for s in result["skipped"])
-    subprocess.run([sys.executable, os.path.join(EXPERIMENTS, "whole_model_benchmark.py"), "--models=vgg16",
-                    "--batch=1", "--sparsity=0.8,0.95", "--width=0.0625", "--resolution=32", "--repeats=1",
-                    f"--out={out}"], check=True)
+    done = run("whole_model_benchmark", *tiny)
+    assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["environment"]["jax"] and result["skipped"] == []
+    assert ENVELOPE <= set(result) and result["kind"] == "whole_model"
+    assert result["environment"]["jax"] and result["skipped"] == [] and result["flags"]["width"] == 0.0625
     rows = result["rows"]
     assert [r["sparsity"] for r in rows] == [0.8, 0.95]
     for r in rows:
         assert r["convs"] == 13 and r["dense_us"] > 0 and r["sparse_us"] > 0 and r["max_rel_diff"] < 1e-4
         assert (r["sparse_kernel_us"] is None) == (not B.gpu_present())
+
+
+def test_layer_benchmark_tiny(tmp_path):
+    """The layer benchmark, run from another folder: the envelope, rows, the shared break-even."""
+    done = run("layer_benchmark", "--parts=r50", "--r50_layers=r50.g4.reduce", "--r50_batch=1",
+               "--r50_sparsity=0.8,0.95", "--modes=float32", "--repeats=1", "--nobcsr", f"--out={tmp_path}",
+               cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "layer_benchmark.json").read_text())
+    assert ENVELOPE <= set(result) and result["kind"] == "layer_benchmark"
+    assert result["flags"]["parts"] == ["r50"] and result["flags"]["repeats"] == 1
+    assert [r["sparsity"] for r in result["rows"]] == [0.8, 0.95]
+    assert set(result["peaks_tflops"]) == {"float32"}
+    assert all(r["dense_check"] in CHECKS and r["sparse_check"] in CHECKS for r in result["rows"])
+    chain = [b for b in result["break_even"] if b["measure"] == "chain"]
+    # a speedup resting on a fallback time (possible on a busy CPU) is left out
+    speedups = [None if "fallback" in (r["dense_check"], r["sparse_check"]) else r["speedup_chain"]
+                for r in result["rows"]]
+    note = BE.break_even([0.8, 0.95], speedups)[1]
+    assert [b["note"] for b in chain] == ([note] if note != "n/a" else [])

@@ -234,10 +234,11 @@ def test_valid_filter_constructs():
 @pytest.mark.parametrize("mutate, match", [
     (lambda d, i, p: (d.astype(np.float64), i, p), "data must be float32, bfloat16 or float16"),
     (lambda d, i, p: (d.astype(np.int32), i, p), "data must be float32, bfloat16 or float16"),
-    (lambda d, i, p: (d, i.astype(np.int64), p), "indices must be int32"),
-    (lambda d, i, p: (d, i.astype(np.uint32), p), "indices must be int32"),
-    (lambda d, i, p: (d, i, p.astype(np.int64)), "indptr must be int32"),
+    (lambda d, i, p: (d, i.astype(np.int64) + 2 ** 31, p), "indices value 2147483648 does not fit in int32"),
+    (lambda d, i, p: (d, i.astype(np.uint32) + np.uint32(2 ** 31), p), "indices value .* does not fit in int32"),
+    (lambda d, i, p: (d, i, p.astype(np.int64) - 2 ** 40), "indptr value .* does not fit in int32"),
     (lambda d, i, p: (d, i.astype(np.float32), p), "indices must be int32"),
+    (lambda d, i, p: (d, i.astype(bool), p), "indices must be int32"),
     (lambda d, i, p: (d[:2], i, p), "differ in length"),
     (lambda d, i, p: (d, i[:2], p), "differ in length"),
     (lambda d, i, p: (d, i, p[:2]), "out_channels \\+ 1"),
@@ -291,9 +292,10 @@ def test_validate_false_defers_and_validate_raises():
     ((1, 1, 1), 2, 2, "kernel_size"),
     ((0, 2), 2, 2, "kernel_size"),
     ((1, -1), 2, 2, "kernel_size"),
-    ((1, 2), 0, 2, "in_channels and out_channels must be positive"),
-    ((1, 2), 2, 0, "in_channels and out_channels must be positive"),
-    ((1, 2), -3, 2, "in_channels and out_channels must be positive"),
+    ((1, 2), -1, 2, "in_channels and out_channels must be non-negative"),
+    ((1, 2), 2, -1, "in_channels and out_channels must be non-negative"),
+    ((1, 2), -3, 2, "in_channels and out_channels must be non-negative"),
+    ((1, 2), 0, 2, "column index 0 out of range \\[0, 0\\)"),  # zero channels are valid, but hold no taps
     ((65536, 65536), 1, 2, "int32"),
 ])
 def test_bad_metadata(kernel_size, cin, cout, match):
@@ -320,3 +322,51 @@ def test_traced_leaves_skip_value_checks():
         jax.jit(build)(d[:2], i, p)
     with pytest.raises(SparseFilterError, match="indices must be int32"):
         jax.jit(build)(d, i.astype(np.float32), p)
+
+
+def test_validate_override_does_not_mark_the_filter_validated():
+    # validate(allow_nonfinite=True) on a filter whose own flag is False passes NaN for that
+    # check only: a later eager sparse_conv must still refuse the filter
+    d, i, p = _valid_arrays()
+    f = _filter(np.array([1.0, np.nan, 3.0], np.float32), i, p, validate=False)
+    assert f.validate(allow_nonfinite=True) is f
+    with pytest.raises(SparseFilterError, match="non-finite"):
+        jaxsparse.sparse_conv(jnp.ones((1, 3, 3, 2)), f)
+    with pytest.raises(SparseFilterError, match="non-finite"):
+        f.validate()
+    # a check at least as strict as the filter's own flag does count
+    g = _filter(d, i, p, validate=False, allow_nonfinite=True)
+    g.validate(allow_nonfinite=False)
+    assert g._validated
+    h = _filter(d, i, p, validate=False)
+    h.validate(allow_nonfinite=True)
+    assert not h._validated  # finite, but not checked under the filter's own rule
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_with_data_python_list_keeps_the_filter_dtype(dtype):
+    f = jaxsparse.random_filter(5, (2, 2), 3, 4, 0.5).astype(DTYPES[dtype])
+    values = [0.1 * (k + 1) for k in range(f.nnz)]
+    g = f.with_data(values)
+    assert g.dtype == f.dtype == DTYPES[dtype]
+    np.testing.assert_array_equal(np.asarray(g.data), np.asarray(values, DTYPES[dtype]))  # one rounding
+    assert f.with_data(tuple(range(f.nnz))).dtype == f.dtype  # integers too
+    g = f.with_data(np.asarray(values, np.float32))  # an array keeps its own dtype (documented)
+    assert g.dtype == np.float32
+    with pytest.raises(SparseFilterError, match="real numbers"):
+        f.with_data(["a"] * f.nnz)
+    with pytest.raises(SparseFilterError, match="shape"):
+        f.with_data(values[:-1])
+    if dtype == "float16":  # a value the dtype cannot hold becomes Inf: refused as non-finite
+        with pytest.raises(SparseFilterError, match="non-finite"):
+            f.with_data([1e6] * f.nnz)
+
+
+def test_allow_nonfinite_is_part_of_the_tree_structure():
+    # documented: two filters differing only in the flag have different tree structures
+    d, i, p = _valid_arrays()
+    a, b = _filter(d, i, p), _filter(d, i, p, allow_nonfinite=True)
+    assert jax.tree_util.tree_structure(a) != jax.tree_util.tree_structure(b)
+    with pytest.raises(ValueError):
+        jax.tree_util.tree_map(lambda u, v: u + v, a, b)
+    assert "tree structure" in SparseFilter.__doc__ and "tree structure" in jaxsparse.format.__doc__

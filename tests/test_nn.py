@@ -349,3 +349,53 @@ def test_linen_from_dense_matches_linen_conv():
     pruned = np.asarray(v["params"]["kernel"]) * jaxsparse.magnitude_mask(v["params"]["kernel"], 0.6)
     v["params"]["kernel"] = pruned
     np.testing.assert_allclose(sp.apply(sv, x), conv.apply(v, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(strides=(2.9, 1.0)), "2.9"), (dict(strides=2.0), "2.0"), (dict(kernel_dilation=(True, 1)), "True"),
+    (dict(strides="12"), "'12'"), (dict(kernel_size=(3.0, 3)), "3.0"), (dict(padding=((1.5, 1), (1, 1))), "1.5"),
+])
+def test_linen_refuses_non_integer_geometry_like_the_nnx_layer(kwargs, fragment):
+    # never rounded: strides=(2.9, 1.0) used to run with strides (2, 1)
+    kw = dict(features=4, kernel_size=(3, 3), sparsity=0.5)
+    layer = jaxsparse.linen.SparseConv(**{**kw, **kwargs})
+    with pytest.raises(TypeError, match="SparseConv") as info:
+        layer.init(jax.random.key(0), rand((1, 8, 8, 3)))
+    assert fragment in str(info.value)
+    nnx_kwargs = {{"kernel_dilation": "kernel_dilation"}.get(k, k): v for k, v in kwargs.items()}
+    with pytest.raises(TypeError, match="SparseConv") as info:
+        SparseConv(3, 4, **{"kernel_size": (3, 3), "sparsity": 0.5, "rngs": nnx.Rngs(0), **nnx_kwargs})
+    assert fragment in str(info.value)
+
+
+def test_linen_takes_integer_geometry_of_any_integer_type():
+    x = rand((1, 9, 9, 3))
+    layer = jaxsparse.linen.SparseConv(4, (np.int64(3), 3), strides=(np.int32(2), 1),
+                                       kernel_dilation=np.array(2), padding=[(1, 0), 2], sparsity=0.5)
+    v = layer.init(jax.random.key(0), x)
+    filt = jaxsparse.SparseFilter(v["params"]["data"], *v["sparse_structure"].values(), kernel_size=(3, 3),
+                                  in_channels=3, out_channels=4)
+    ref = jax.lax.conv_general_dilated(x, filt.todense(), (2, 1), ((1, 0), (2, 2)), rhs_dilation=(2, 2),
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC")) + v["params"]["bias"]
+    np.testing.assert_allclose(layer.apply(v, x), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID", "SAME_LOWER", "same_lower", "CIRCULAR", "REFLECT",
+                                     "CAUSAL", 1, [(2, 0)], ((0, 1), 2)])
+@pytest.mark.parametrize("nd", [1, 2])
+def test_every_padding_string_matches_nnx_conv(padding, nd):
+    from jaxsparse.nn.layers import PADDING_STRINGS
+    from jaxsparse.geometry import PADDING_STRINGS as OP_PADDING_STRINGS
+    assert PADDING_STRINGS[:len(OP_PADDING_STRINGS)] == OP_PADDING_STRINGS  # one list, extended
+    if (padding == "CAUSAL" and nd == 2) or (not isinstance(padding, (str, int)) and len(padding) != nd):
+        with pytest.raises(ValueError):
+            SparseConv(3, 4, (3,) * nd, padding=padding, rngs=nnx.Rngs(0))
+        return
+    nnx_padding = padding.upper() if isinstance(padding, str) else padding  # nnx: CIRCULAR etc. in upper case
+    conv = nonzero_bias(nnx.Conv(3, 4, (3,) * nd, strides=2, padding=nnx_padding, rngs=nnx.Rngs(0)))
+    sparse = SparseConv.from_dense(conv, 0.5)
+    assert sparse.padding == (padding.upper() if isinstance(padding, str) else sparse.padding)
+    x = rand((2,) + (7,) * nd + (3,))
+    conv.kernel[...] = sparse.kernel  # the pruned kernel, in the dense layer nnx itself pads for
+    np.testing.assert_allclose(sparse(x), conv(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sparse.to_dense()(x), conv(x), rtol=1e-5, atol=1e-5)

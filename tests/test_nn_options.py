@@ -104,6 +104,7 @@ def test_auto_times_each_layer_at_its_own_precision(tmp_path, precision, expecte
     assert {spec.precision for spec, _ in timer.specs} == {expected}
     assert {spec.kernel_family for spec, _ in timer.specs} == {"direct"}
     assert all(d.choice == "sparse" for d in report)
+    assert all(d.dense_check == d.sparse_check == "ok" and not d.on_fallback for d in report)  # plain floats
 
 
 def test_cache_key_includes_precision_and_kernel_family():
@@ -148,3 +149,107 @@ def test_report_summary_says_what_stayed_dense_and_where_timings_went(tmp_path):
     assert "0 sparse, 13 dense" in summary and "dense was faster (13)" in summary
     assert str(tmp_path / "c.json") in summary and summary in report.table()
     assert json.loads(json.dumps(report.to_json()))["cache_path"] == str(tmp_path / "c.json")
+
+
+def test_chain_timer_fallback_decides_but_is_never_cached(monkeypatch, tmp_path):
+    """The real `chain_timer` on fake call times: a measurement failing its checks
+    (T(k_large) < T(k_small)) still decides, flagged, but leaves the cache alone;
+    one that passes on re-measurement is cached."""
+    from jaxsparse import benchmark
+    model = models.CNNNonStatic(30, 2, embed_dim=8, feature_maps=8, widths=(3,), rngs=nnx.Rngs(0))
+    model.eval()
+    x = jnp.asarray(np.random.default_rng(4).integers(0, 30, (2, 11)), jnp.int32)
+    results = []
+
+    def timer(spec, impl):
+        results.append(timing.chain_timer(spec, impl, peak_check=False, k_small=1, k_large=3, repeats=3))
+        return results[-1]
+
+    negative = [[900.0] * 3, [600.0] * 3]
+    monkeypatch.setattr(benchmark, "interleaved_call_us", lambda fns, *a, repeats, warmup: negative)
+    cache = tmp_path / "t.json"
+    _, report = sparsify(model, 0.9, policy="auto", sample_input=x, timer=timer, cache=cache)
+    (d,) = report.layers
+    assert [r.check for r in results] == ["fallback", "fallback"] and results[0].attempts == 3
+    assert d.dense_us == d.sparse_us == pytest.approx(200.0)  # T(3)/3, the conservative estimate
+    assert not cache.exists()
+    # the report keeps each timing's check (through the cache) and flags the decision
+    assert d.dense_check == d.sparse_check == "fallback" and d.on_fallback
+    assert "decided on a fallback timing" in report.summary() and "~200.0" in report.table()
+    assert report.to_json()["layers"][0]["sparse_check"] == "fallback"
+
+    attempts = iter([negative, [[100.0] * 3, [300.0] * 3]] * 2)  # each timing: fails, then passes
+    monkeypatch.setattr(benchmark, "interleaved_call_us", lambda fns, *a, repeats, warmup: next(attempts))
+    results.clear()
+    _, report = sparsify(model, 0.9, policy="auto", sample_input=x, timer=timer, cache=cache)
+    assert [r.check for r in results] == ["remeasured", "remeasured"] and report.layers[0].dense_us == 100.0
+    assert sorted(json.loads(cache.read_text()).values()) == [100.0, 100.0]
+    assert report.layers[0].dense_check == "remeasured" and "fallback timing" not in report.summary()
+    results.clear()
+    _, report = sparsify(model, 0.9, policy="auto", sample_input=x, timer=timer, cache=cache)
+    assert results == [] and report.layers[0].sparse_check == "cached"
+
+
+def test_report_flags_layers_decided_on_a_fallback_timing():
+    """An injected timer's `ChainTime`: a fallback on one side flags that layer only."""
+    from jaxsparse.benchmark import ChainTime
+    model = models.VGG16(5, width=1 / 16, resolution=32, hidden=8, rngs=nnx.Rngs(0))
+    first = []
+
+    def timer(spec, impl):
+        first.append(spec.path)
+        fallback = impl == "sparse" and spec.path == first[0]
+        return ChainTime(50.0 if impl == "sparse" else 100.0, check="fallback" if fallback else "remeasured")
+
+    _, report = sparsify(model, 0.9, policy="auto", sample_input=jnp.zeros((1, 32, 32, 3)), timer=timer,
+                         cache=False)
+    flagged = [d.path for d in report if d.on_fallback]
+    assert flagged == [first[0]] and report[first[0]].dense_check == "remeasured"
+    assert f"decided on a fallback timing (failed its checks; not cached) (1): {first[0]}" in report.summary()
+    assert "~50.0" in report.table() and report.table().count("~") == 1
+
+
+def test_cache_ignores_impossible_entries_on_disk(tmp_path):
+    spec = timing.LayerSpec("a", (1, 8, 8, 3), (3, 3, 3, 4), (1, 1), "SAME", (1, 1), "float32", 0.9, True)
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({TimingCache.key(spec, "dense"): -274.5, TimingCache.key(spec, "sparse"): 80.0}))
+    cache = TimingCache(path)
+    assert cache.get(spec, "dense") is None and cache.get(spec, "sparse") == 80.0
+
+
+def test_layer_flops_for_the_peak_check():
+    spec = timing.LayerSpec("a", (2, 8, 8, 3), (3, 3, 3, 4), (2, 2), "SAME", (1, 1), "float32", 0.75, True)
+    assert timing.layer_flops(spec, "dense") == 2 * 2 * 4 * 4 * 4 * 27
+    assert timing.layer_flops(spec, "sparse") == 0.25 * timing.layer_flops(spec, "dense")
+
+
+def test_auto_takes_a_measurement_object_and_compares_like_with_like_on_a_fallback():
+    """A timer may return an object with ``us``/``ok`` (no float()); where one side fell back
+    (T(k_large)/k_large, fixed cost included) both sides' T(k_large)/k_large are compared."""
+    import types
+    from flax import nnx
+    from jaxsparse.nn import sparsify
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.conv = nnx.Conv(8, 8, (3, 3), rngs=nnx.Rngs(0))
+
+        def __call__(self, x):
+            return self.conv(x)
+
+    def timer(spec, impl):  # dense: a checked slope of 10 µs, per-op 40 µs; sparse: fallback 30 µs
+        if impl == "dense":
+            return types.SimpleNamespace(us=10.0, ok=True, check="ok", per_op_us=40.0)
+        return types.SimpleNamespace(us=30.0, ok=False, check="fallback", per_op_us=30.0)
+
+    x = np.ones((1, 8, 8, 8), np.float32)
+    _, report = sparsify(Net(), 0.9, policy="auto", sample_input=x, timer=timer, cache=False, progress=False)
+    (d,) = report.layers
+    assert (d.dense_us, d.sparse_us) == (10.0, 30.0) and d.sparse_check == "fallback"
+    assert d.choice == "sparse", "like with like: 30 µs per op against 40, not 30 against a 10 µs slope"
+
+    def plain(spec, impl):
+        return types.SimpleNamespace(us=10.0 if impl == "dense" else 30.0, ok=True)
+
+    _, report = sparsify(Net(), 0.9, policy="auto", sample_input=x, timer=plain, cache=False, progress=False)
+    assert report.layers[0].choice == "dense"

@@ -99,6 +99,30 @@ SCRIPT = textwrap.dedent(r"""
             np.testing.assert_allclose(np.asarray(yg).reshape(8, -1), ref, **MODEL_TOL)
             if axis_type == AxisType.Explicit:
                 check_hlo(fv, state, xg, local_batch=LOCAL)
+    # 5. gradients with the batch sharded: the filter gradient runs on the local images and
+    # the per-device sums are all-reduced (no gather of the batch)
+    f = jaxsparse.random_filter(1, (3, 3), 8, 16, 0.8)
+    x = jnp.asarray(rng.standard_normal((8, 10, 10, 8)), jnp.float32)
+
+    def loss(data, x):
+        return jnp.sum(jaxsparse.sparse_conv(x, f.with_data(data), precision="highest") ** 2)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    ref_d, ref_x = (np.asarray(g) for g in grad(f.data, x))
+    for axis_type in (AxisType.Explicit, AxisType.Auto):
+        mesh = jax.make_mesh((D,), ("data",), axis_types=(axis_type,))
+        xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+        dr = jax.device_put(f.data, NamedSharding(mesh, P()))
+        gd, gx = grad(dr, xs)
+        np.testing.assert_allclose(np.asarray(gd), ref_d, rtol=1e-4, atol=1e-4 * np.abs(ref_d).max())
+        np.testing.assert_allclose(np.asarray(gx), ref_x, **OP_TOL)
+        hlo = grad.lower(dr, xs).compile().as_text()
+        assert "all-gather" not in hlo and "all-to-all" not in hlo, "batch gathered"
+        calls = [l for l in hlo.splitlines() if 'custom_call_target="jaxsparse_sparse_conv_filter_grad"' in l]
+        # the operand shapes: inline "(f32[...]" or, for named operands, the layout constraints
+        batch = [re.search(r"(?:\(|operand_layout_constraints=\{)f32\[(\d+),", l) for l in calls]
+        assert calls and all(b and b.group(1) == str(LOCAL) for b in batch), calls
+        assert "all-reduce" in hlo
     print("SHARDING OK")
 """)
 

@@ -11,7 +11,9 @@
 // where it applies: kDirect skips the SpMM configuration, kSpmm takes it (Python
 // only passes 1x1 stride-1 unpadded geometries), kNaive always applies, and
 // kRowBucket (the experimental row-bucketed kernel) takes the geometries it
-// accepts. Where a forced family does not fit, the kAuto choice runs.
+// accepts, kStaged runs the tiled kernel with staged filter rows (SpMM for 1x1
+// stride-1 unpadded, else direct). Where a forced family does not fit, the kAuto
+// choice runs.
 #include "gpu/sparse_conv_kernels.h"
 #include "gpu/sparse_conv_launch.h"
 
@@ -41,13 +43,16 @@ cudaError_t LaunchSparseConv(cudaStream_t stream, const ConvGeometry& g, Element
   if (options.kernel == KernelFamily::kNaive) return LaunchSparseConvNaive(stream, g, type, operands);
   if (const size_t need = RowBucketBytes(g, type, options); need > 0 && workspace_bytes >= need)
     return LaunchSparseConvRowBucket(stream, g, type, operands, workspace, workspace_bytes);
-  bool fits = false;
-  if (options.kernel != KernelFamily::kDirect && IsSpmm1x1(g)) {
-    if (cudaError_t e = PlanSparseConvSpmm1x1(g, type, &fits); e != cudaSuccess) return e;
-    if (fits) return LaunchSparseConvSpmm1x1(stream, g, type, operands);
+  // The staged variant where it is asked for and fits, else the plain tiled kernel.
+  for (const bool staged : {options.kernel == KernelFamily::kStaged, false}) {
+    bool fits = false;
+    if (options.kernel != KernelFamily::kDirect && IsSpmm1x1(g)) {
+      if (cudaError_t e = PlanSparseConvSpmm1x1(g, type, staged, &fits); e != cudaSuccess) return e;
+      if (fits) return LaunchSparseConvSpmm1x1(stream, g, type, staged, operands);
+    }
+    if (cudaError_t e = PlanSparseConvDirect(g, type, staged, &fits); e != cudaSuccess) return e;
+    if (fits) return LaunchSparseConvDirect(stream, g, type, staged, operands);
   }
-  if (cudaError_t e = PlanSparseConvDirect(g, type, &fits); e != cudaSuccess) return e;
-  if (fits) return LaunchSparseConvDirect(stream, g, type, operands);
   return LaunchSparseConvNaive(stream, g, type, operands);
 }
 

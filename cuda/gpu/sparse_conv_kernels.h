@@ -14,15 +14,17 @@ cudaError_t LaunchSparseConvNaive(cudaStream_t stream, const ConvGeometry& g, El
 // Direct sparse convolution (any KxK, strides, padding, dilation): a block
 // stages an output tile's input window for all channels in shared memory and
 // its warps run over the nonzeros of its output channels (sparse_conv_tiled.cu).
+// `staged`: the block also stages its output channels' decoded nonzeros in shared
+// memory first (tiled_plan.h), so its tasks need no global loads.
 cudaError_t LaunchSparseConvDirect(cudaStream_t stream, const ConvGeometry& g, ElementType type,
-                                   const SparseConvOperands& operands);
+                                   bool staged, const SparseConvOperands& operands);
 
 // 1x1 / stride 1 / unpadded convolutions as an SpMM over N*H*W pixels
 // (pixel tiles of any length; same kernel body as the direct one).
 cudaError_t LaunchSparseConvSpmm1x1(cudaStream_t stream, const ConvGeometry& g, ElementType type,
-                                    const SparseConvOperands& operands);
+                                    bool staged, const SparseConvOperands& operands);
 
-// Opt-in only (JAXSPARSE_GPU_KERNEL=rowbucket): nonzeros of 16 output channels
+// Opt-in only (the kernel option 'rowbucket'): nonzeros of 16 output channels
 // re-bucketed by (ci, kh) into the workspace by a prep kernel, then each input
 // window loaded once into registers and applied to every tap of its bucket
 // (sparse_conv_rowbucket.cu). Accepts stride_w == 1, dilation_w == 1, KW <= 5.
@@ -35,7 +37,7 @@ cudaError_t LaunchSparseConvRowBucket(cudaStream_t stream, const ConvGeometry& g
 
 // Whether the tiled kernels have a plan that fits this device's shared memory.
 bool IsSpmm1x1(const ConvGeometry& g);
-cudaError_t PlanSparseConvDirect(const ConvGeometry& g, ElementType type, bool* fits);
-cudaError_t PlanSparseConvSpmm1x1(const ConvGeometry& g, ElementType type, bool* fits);
+cudaError_t PlanSparseConvDirect(const ConvGeometry& g, ElementType type, bool staged, bool* fits);
+cudaError_t PlanSparseConvSpmm1x1(const ConvGeometry& g, ElementType type, bool staged, bool* fits);
 
 }  // namespace jaxsparse

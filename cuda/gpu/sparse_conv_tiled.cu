@@ -18,11 +18,12 @@ namespace tiled {
 namespace {
 
 // Compile-time configuration of one kernel instantiation (Sputnik style).
-template <typename T, int kPixelsPerThread, bool kAffine>
+template <typename T, int kPixelsPerThread, bool kAffine, bool kStagedRows>
 struct TileConfig {
   using Element = T;
   static constexpr int kP = kPixelsPerThread;
   static constexpr bool kAffinePixels = kAffine;
+  static constexpr bool kStaged = kStagedRows;  // filter rows staged in shared memory (tiled_plan.h)
   static constexpr int kWarpsPerBlock = kWarps;
   static constexpr int kThreadsPerBlock = kThreads;
   // 16-byte vector of the element type, used to fill the input window.
@@ -31,7 +32,20 @@ struct TileConfig {
   static_assert(kThreadsPerBlock <= 1024 && kThreadsPerBlock % 32 == 0, "bad block size");
   static_assert(kVecElems * sizeof(T) == 16, "vector width must be 16 bytes");
   static_assert(sizeof(int2) == 8 && kMetaBytes == kWarpsPerBlock * 32 * 8, "metadata staging size");
+  static_assert(kMetaBytes % 16 == 0, "the staged rows after the per-warp metadata must stay 16-byte aligned");
 };
+
+// Decodes filter column `c` into its offset in the shared input window (channel-major,
+// pre-scaled by the window's strides). False for a column outside [0, taps).
+__device__ __forceinline__ bool DecodeColumn(const TileArgs& a, int c, int* offset) {
+  if (c < 0 || c >= a.taps) return false;
+  const int k = static_cast<int>(a.div_cin.Div(static_cast<uint32_t>(c)));
+  const int ci = c - k * a.in_c;
+  const int kh = static_cast<int>(a.div_kw.Div(static_cast<uint32_t>(k)));
+  const int kw = k - kh * a.kernel_w;
+  *offset = ci * a.chan_stride + kh * a.dil_h * a.tile_cols + kw * a.dil_w;
+  return true;
+}
 
 
 template <class Config>
@@ -48,6 +62,9 @@ TiledSparseConvKernel(TileArgs a, const typename Config::Element* __restrict__ x
   float* tile = reinterpret_cast<float*>(smem_raw);
   float* stage = tile + a.tile_floats;
   int4* meta_all = reinterpret_cast<int4*>(stage + a.out_floats);
+  // Staged variant: the group's row pointers, then its decoded (offset, value) pairs.
+  int* group_ptr = reinterpret_cast<int*>(meta_all + kMetaBytes / 16);
+  int2* group_meta = reinterpret_cast<int2*>(group_ptr + a.ptr_ints);
   __shared__ int task_counter;
 
   const int tid = threadIdx.x;
@@ -68,6 +85,11 @@ TiledSparseConvKernel(TileArgs a, const typename Config::Element* __restrict__ x
   const int win = a.tile_rows * a.tile_cols;  // window positions per channel
 
   if (tid == 0) task_counter = 0;
+  const int r_lo = grp * a.rows_per_group;
+  const int nrows = min(a.rows_per_group, a.out_c - r_lo);
+  if constexpr (Config::kStaged) {  // loads in flight together with the window fill below
+    for (int i = tid; i <= nrows; i += Config::kThreadsPerBlock) group_ptr[i] = __ldg(indptr + r_lo + i);
+  }
 
   // ---- 1. input window -> shared memory, float32, [ci][row][col], zero padded.
   // Loads are batched (kFillBatch independent 16-byte loads per thread before
@@ -155,18 +177,53 @@ TiledSparseConvKernel(TileArgs a, const typename Config::Element* __restrict__ x
   }
   __syncthreads();
 
-  // ---- 2. (output channel, pixel chunk) tasks from a block-local queue.
-  const int r_lo = grp * a.rows_per_group;
-  const int nrows = min(a.rows_per_group, a.out_c - r_lo);
-  const int ntasks = nrows * a.chunks;
-  const int row_step = a.dil_h * a.tile_cols;
-  // Pixels of the tile this lane computes: virtual (affine) or real indices.
-  const int npix = th_n * tw_n;  // real pixels (mode B)
   // Malformed CSR (possible for filters rebuilt from traced arrays, which Python cannot check)
   // poisons the affected output channels with NaN instead of yielding a plausible wrong result:
   // every channel if the end pointers are wrong, else each row with disordered pointers or an
   // out-of-range column. Nothing is ever read out of bounds either way.
   const bool ends_bad = __ldg(indptr) != 0 || __ldg(indptr + a.out_c) != a.nnz;
+
+  // ---- 1b. staged variant: decode the group's nonzeros once, for every task of the block.
+  // Taken when the group's pointers are in order and its pairs fit; an out-of-range
+  // column becomes a NaN weight, which poisons exactly its row. Otherwise the block
+  // streams its rows as the plain kernel does.
+  bool staged = false;
+  int group_base = 0;
+  if constexpr (Config::kStaged) {
+    group_base = group_ptr[0];
+    const int group_end = group_ptr[nrows];
+    const bool fits = !ends_bad && group_base >= 0 && group_end <= a.nnz && group_base <= group_end &&
+                      group_end - group_base <= a.meta_cap;
+    bool disordered = false;
+    for (int i = tid; i < nrows; i += Config::kThreadsPerBlock) disordered |= group_ptr[i] > group_ptr[i + 1];
+    if (fits) {
+      constexpr int kBatch = 4;  // independent loads per thread in flight
+      const int count = group_end - group_base;
+      for (int i0 = tid; i0 < count; i0 += kBatch * Config::kThreadsPerBlock) {
+        int c[kBatch];
+        float w[kBatch];
+#pragma unroll
+        for (int k = 0; k < kBatch; ++k) {
+          const int i = i0 + k * Config::kThreadsPerBlock;
+          c[k] = i < count ? __ldg(indices + group_base + i) : 0;
+          w[k] = i < count ? LoadAsFloat(values + group_base + i) : 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < kBatch; ++k) {
+          const int i = i0 + k * Config::kThreadsPerBlock;
+          int offset = 0;
+          const bool ok = DecodeColumn(a, c[k], &offset);
+          if (i < count) group_meta[i] = make_int2(ok ? offset : 0, __float_as_int(ok ? w[k] : CUDART_NAN_F));
+        }
+      }
+    }
+    staged = __syncthreads_or(disordered) == 0 && fits;
+  }
+
+  // ---- 2. (output channel, pixel chunk) tasks from a block-local queue.
+  const int ntasks = nrows * a.chunks;
+  // Pixels of the tile this lane computes: virtual (affine) or real indices.
+  const int npix = th_n * tw_n;  // real pixels (mode B)
 
   for (;;) {
     int task = 0;
@@ -201,63 +258,63 @@ TiledSparseConvKernel(TileArgs a, const typename Config::Element* __restrict__ x
 #pragma unroll
     for (int j = 0; j < P; ++j) acc[j] = 0.0f;
 
-    int begin = __ldg(indptr + row), end = __ldg(indptr + row + 1);
-    bool row_bad = ends_bad || begin < 0 || end > a.nnz || begin > end;  // warp-uniform
-    bool lane_bad = false;  // an out-of-range column decoded by this lane
-    begin = max(begin, 0);
-    end = min(end, a.nnz);
+    // Applies one or two decoded (offset, value) pairs to this lane's P pixels.
     const float* tq = tile + q0;
-    for (int jb = begin; jb < end; jb += 32) {
-      const int cnt = min(32, end - jb);
-      // Lanes decode 32 nonzeros into pre-scaled tile offsets.
-      int2 m = make_int2(0, 0);
-      if (lane < cnt) {
-        const int c = __ldg(indices + jb + lane);
-        const float w = LoadAsFloat(values + jb + lane);
-        if (c >= 0 && c < a.taps) {
-          const int k = static_cast<int>(a.div_cin.Div(static_cast<uint32_t>(c)));
-          const int ci = c - k * a.in_c;
-          const int kh = static_cast<int>(a.div_kw.Div(static_cast<uint32_t>(k)));
-          const int kw = k - kh * a.kernel_w;
-          m.x = ci * a.chan_stride + kh * row_step + kw * a.dil_w;
-          m.y = __float_as_int(w);
-        } else {
-          lane_bad = true;  // applied as weight 0 at offset 0 (in bounds), then poisoned below
-        }
+    auto apply_pair = [&](const int4 mm) {
+      const float w0 = __int_as_float(mm.y), w1 = __int_as_float(mm.w);
+      float v0[P], v1[P];
+#pragma unroll
+      for (int j = 0; j < P; ++j) {
+        v0[j] = Config::kAffinePixels ? tq[mm.x + 32 * j] : tile[addr[j] + mm.x];
+        v1[j] = Config::kAffinePixels ? tq[mm.z + 32 * j] : tile[addr[j] + mm.z];
       }
-      meta2[lane] = m;
-      __syncwarp();
-      int i = 0;
+#pragma unroll
+      for (int j = 0; j < P; ++j) acc[j] = fmaf(w1, v1[j], fmaf(w0, v0[j], acc[j]));
+    };
+    auto apply_one = [&](const int2 mm) {
+      const float w0 = __int_as_float(mm.y);
+#pragma unroll
+      for (int j = 0; j < P; ++j)
+        acc[j] = fmaf(w0, Config::kAffinePixels ? tq[mm.x + 32 * j] : tile[addr[j] + mm.x], acc[j]);
+    };
+
+    bool row_bad = false;   // warp-uniform
+    bool lane_bad = false;  // an out-of-range column decoded by this lane
+    if (staged) {
+      // Pointers are in order and inside the group (checked above); pairs sit at even
+      // indices for the 16-byte broadcast loads, so an odd start takes one single first.
+      int i = group_ptr[rl] - group_base;
+      const int e = group_ptr[rl + 1] - group_base;
+      if ((i & 1) && i < e) apply_one(group_meta[i++]);
 #pragma unroll 2
-      for (; i + 1 < cnt; i += 2) {
-        const int4 mm = meta4[i >> 1];
-        const float w0 = __int_as_float(mm.y), w1 = __int_as_float(mm.w);
-        if constexpr (Config::kAffinePixels) {
-          const float* t0 = tq + mm.x;
-          const float* t1 = tq + mm.z;
-          float v0[P], v1[P];
-#pragma unroll
-          for (int j = 0; j < P; ++j) { v0[j] = t0[32 * j]; v1[j] = t1[32 * j]; }
-#pragma unroll
-          for (int j = 0; j < P; ++j) acc[j] = fmaf(w1, v1[j], fmaf(w0, v0[j], acc[j]));
-        } else {
-          float v0[P], v1[P];
-#pragma unroll
-          for (int j = 0; j < P; ++j) { v0[j] = tile[addr[j] + mm.x]; v1[j] = tile[addr[j] + mm.z]; }
-#pragma unroll
-          for (int j = 0; j < P; ++j) acc[j] = fmaf(w1, v1[j], fmaf(w0, v0[j], acc[j]));
+      for (; i + 1 < e; i += 2) apply_pair(reinterpret_cast<const int4*>(group_meta)[i >> 1]);
+      if (i < e) apply_one(group_meta[i]);
+    } else {
+      int begin = __ldg(indptr + row), end = __ldg(indptr + row + 1);
+      row_bad = ends_bad || begin < 0 || end > a.nnz || begin > end;
+      begin = max(begin, 0);
+      end = min(end, a.nnz);
+      for (int jb = begin; jb < end; jb += 32) {
+        const int cnt = min(32, end - jb);
+        // Lanes decode 32 nonzeros into pre-scaled tile offsets; a bad column is applied
+        // as weight 0 at offset 0 (in bounds) and poisons the row below.
+        int2 m = make_int2(0, 0);
+        if (lane < cnt) {
+          int offset = 0;
+          if (DecodeColumn(a, __ldg(indices + jb + lane), &offset)) {
+            m = make_int2(offset, __float_as_int(LoadAsFloat(values + jb + lane)));
+          } else {
+            lane_bad = true;
+          }
         }
+        meta2[lane] = m;
+        __syncwarp();
+        int i = 0;
+#pragma unroll 2
+        for (; i + 1 < cnt; i += 2) apply_pair(meta4[i >> 1]);
+        if (i < cnt) apply_one(meta2[i]);
+        __syncwarp();
       }
-      if (i < cnt) {
-        const int2 mm = meta2[i];
-        const float w0 = __int_as_float(mm.y);
-#pragma unroll
-        for (int j = 0; j < P; ++j) {
-          const float v = Config::kAffinePixels ? tq[mm.x + 32 * j] : tile[addr[j] + mm.x];
-          acc[j] = fmaf(w0, v, acc[j]);
-        }
-      }
-      __syncwarp();
     }
     if (__any_sync(0xffffffffu, lane_bad) || row_bad) {
 #pragma unroll
@@ -331,7 +388,7 @@ struct PlanKeyHash {
 };
 
 // Plans are cached: the cost model runs once per (geometry, dtype, device).
-cudaError_t CachedPlan(const ConvGeometry& g, int elem_bytes, Plan* plan) {
+cudaError_t CachedPlan(const ConvGeometry& g, int elem_bytes, bool staged, Plan* plan) {
   DeviceLimits limits;
   if (cudaError_t e = GetLimits(&limits); e != cudaSuccess) return e;
   int dev = 0;
@@ -339,7 +396,7 @@ cudaError_t CachedPlan(const ConvGeometry& g, int elem_bytes, Plan* plan) {
   const PlanKey key{{g.batch, g.in_h, g.in_w, g.in_c, g.out_h, g.out_w, g.out_c, g.kernel_h,
                      g.kernel_w, g.stride_h, g.stride_w, g.pad_h_lo, g.pad_w_lo, g.dilation_h,
                      g.dilation_w, g.nnz, (g.relu ? 1 : 0) + 2 * (g.has_bias ? 1 : 0), elem_bytes,
-                     dev, 0}};
+                     dev, staged ? 1 : 0}};
   static std::mutex mu;
   static std::unordered_map<PlanKey, Plan, PlanKeyHash> cache;
   {
@@ -347,7 +404,7 @@ cudaError_t CachedPlan(const ConvGeometry& g, int elem_bytes, Plan* plan) {
     auto it = cache.find(key);
     if (it != cache.end()) { *plan = it->second; return cudaSuccess; }
   }
-  *plan = ChooseTilePlan(g, elem_bytes, limits);
+  *plan = ChooseTilePlan(g, elem_bytes, limits, staged);
   std::lock_guard<std::mutex> lock(mu);
   if (cache.size() > 4096) cache.clear();
   cache.emplace(key, *plan);
@@ -388,23 +445,28 @@ cudaError_t LaunchConfig(cudaStream_t stream, const Plan& plan, const SparseConv
   return cudaGetLastError();
 }
 
-template <typename T>
+template <typename T, bool kStaged>
 cudaError_t LaunchTyped(cudaStream_t stream, const Plan& plan, const SparseConvOperands& op) {
   if (plan.affine) {
     switch (plan.pixels_per_thread) {
-      case 1: return LaunchConfig<TileConfig<T, 1, true>>(stream, plan, op);
-      case 2: return LaunchConfig<TileConfig<T, 2, true>>(stream, plan, op);
-      case 4: return LaunchConfig<TileConfig<T, 4, true>>(stream, plan, op);
-      case 8: return LaunchConfig<TileConfig<T, 8, true>>(stream, plan, op);
+      case 1: return LaunchConfig<TileConfig<T, 1, true, kStaged>>(stream, plan, op);
+      case 2: return LaunchConfig<TileConfig<T, 2, true, kStaged>>(stream, plan, op);
+      case 4: return LaunchConfig<TileConfig<T, 4, true, kStaged>>(stream, plan, op);
+      case 8: return LaunchConfig<TileConfig<T, 8, true, kStaged>>(stream, plan, op);
     }
   } else {
     switch (plan.pixels_per_thread) {
-      case 1: return LaunchConfig<TileConfig<T, 1, false>>(stream, plan, op);
-      case 2: return LaunchConfig<TileConfig<T, 2, false>>(stream, plan, op);
+      case 1: return LaunchConfig<TileConfig<T, 1, false, kStaged>>(stream, plan, op);
+      case 2: return LaunchConfig<TileConfig<T, 2, false, kStaged>>(stream, plan, op);
       default: break;  // the planner picks P <= 2 for mode B
     }
   }
   return cudaErrorInvalidConfiguration;
+}
+
+template <typename T>
+cudaError_t LaunchTyped(cudaStream_t stream, const Plan& plan, const SparseConvOperands& op) {
+  return plan.staged ? LaunchTyped<T, true>(stream, plan, op) : LaunchTyped<T, false>(stream, plan, op);
 }
 
 int ElemBytes(ElementType type) { return type == ElementType::kF32 ? 4 : 2; }
@@ -421,9 +483,8 @@ ConvGeometry AsSpmm(const ConvGeometry& g) {
   return s;
 }
 
-cudaError_t PlanFor(const ConvGeometry& g, ElementType type, Plan* plan) {
-  if (cudaError_t e = CachedPlan(g, ElemBytes(type), plan); e != cudaSuccess) return e;
-  return cudaSuccess;
+cudaError_t PlanFor(const ConvGeometry& g, ElementType type, bool staged, Plan* plan) {
+  return CachedPlan(g, ElemBytes(type), staged, plan);
 }
 
 cudaError_t Dispatch(cudaStream_t stream, const Plan& plan, ElementType type,
@@ -444,35 +505,35 @@ bool IsSpmm1x1(const ConvGeometry& g) {
          g.pad_h_lo == 0 && g.pad_h_hi == 0 && g.pad_w_lo == 0 && g.pad_w_hi == 0;
 }
 
-cudaError_t PlanSparseConvDirect(const ConvGeometry& g, ElementType type, bool* fits) {
+cudaError_t PlanSparseConvDirect(const ConvGeometry& g, ElementType type, bool staged, bool* fits) {
   tiled::Plan plan;
-  cudaError_t e = tiled::PlanFor(g, type, &plan);
+  cudaError_t e = tiled::PlanFor(g, type, staged, &plan);
   *fits = e == cudaSuccess && plan.ok;
   return e;
 }
 
-cudaError_t PlanSparseConvSpmm1x1(const ConvGeometry& g, ElementType type, bool* fits) {
+cudaError_t PlanSparseConvSpmm1x1(const ConvGeometry& g, ElementType type, bool staged, bool* fits) {
   *fits = false;
   if (!IsSpmm1x1(g)) return cudaSuccess;
   tiled::Plan plan;
-  cudaError_t e = tiled::PlanFor(tiled::AsSpmm(g), type, &plan);
+  cudaError_t e = tiled::PlanFor(tiled::AsSpmm(g), type, staged, &plan);
   *fits = e == cudaSuccess && plan.ok;
   return e;
 }
 
 cudaError_t LaunchSparseConvDirect(cudaStream_t stream, const ConvGeometry& g, ElementType type,
-                                   const SparseConvOperands& op) {
+                                   bool staged, const SparseConvOperands& op) {
   tiled::Plan plan;
-  if (cudaError_t e = tiled::PlanFor(g, type, &plan); e != cudaSuccess) return e;
+  if (cudaError_t e = tiled::PlanFor(g, type, staged, &plan); e != cudaSuccess) return e;
   if (!plan.ok) return cudaErrorInvalidConfiguration;
   return tiled::Dispatch(stream, plan, type, op);
 }
 
 cudaError_t LaunchSparseConvSpmm1x1(cudaStream_t stream, const ConvGeometry& g, ElementType type,
-                                    const SparseConvOperands& op) {
+                                    bool staged, const SparseConvOperands& op) {
   if (!IsSpmm1x1(g)) return cudaErrorInvalidValue;
   tiled::Plan plan;
-  if (cudaError_t e = tiled::PlanFor(tiled::AsSpmm(g), type, &plan); e != cudaSuccess) return e;
+  if (cudaError_t e = tiled::PlanFor(tiled::AsSpmm(g), type, staged, &plan); e != cudaSuccess) return e;
   if (!plan.ok) return cudaErrorInvalidConfiguration;
   return tiled::Dispatch(stream, plan, type, op);
 }

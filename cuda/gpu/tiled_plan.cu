@@ -20,7 +20,7 @@ bool FitsInt32(int64_t v) { return v >= 0 && v <= INT32_MAX; }
 
 }  // namespace
 
-Plan ChooseTilePlan(const ConvGeometry& g, int elem_bytes, const DeviceLimits& limits) {
+Plan ChooseTilePlan(const ConvGeometry& g, int elem_bytes, const DeviceLimits& limits, bool staged) {
   Plan best;
   const int64_t vals[] = {g.batch, g.in_h, g.in_w, g.in_c, g.out_h, g.out_w, g.out_c,
                           g.kernel_h, g.kernel_w, g.stride_h, g.stride_w, g.pad_h_lo,
@@ -88,16 +88,23 @@ Plan ChooseTilePlan(const ConvGeometry& g, int elem_bytes, const DeviceLimits& l
         if ((groups - 1) * rpg >= cout) continue;  // an empty group
         const int64_t pitch = rpg | 1;
         const int64_t out_floats = RoundUp(th * tw * pitch, 4);
-        const int64_t smem = 4 * (tile_floats + out_floats) + kMetaBytes;
+        const double nnz_g = static_cast<double>(g.nnz) / groups;
+        // Staged: the group's row pointers and its decoded pairs (8 bytes each) in shared memory.
+        const int64_t ptr_ints = staged ? RoundUp(rpg + 1, 4) : 0;
+        const int64_t meta_cap = staged ? std::min<int64_t>(
+            RoundUp(g.nnz, 2), RoundUp(static_cast<int64_t>(std::ceil(nnz_g * kStagedSlack)) + 64, 2)) : 0;
+        const int64_t smem = 4 * (tile_floats + out_floats + ptr_ints) + 8 * meta_cap + kMetaBytes;
         if (smem > limits.max_smem_block) continue;
         const int64_t bps = std::min<int64_t>(4, limits.max_smem_sm / (smem + 1024));
         if (bps < 1) continue;
         const int64_t blocks = tiles * groups;
         if (blocks > INT32_MAX) continue;
-        const double nnz_g = static_cast<double>(g.nnz) / groups;
         const int64_t tasks = rpg * chunks;
-        double compute = nnz_g * chunks * (p_best + 0.5) + nnz_g / 32.0 * chunks * 10.0 +
-                         static_cast<double>(tasks) * 20.0;
+        // Streaming: each task decodes its row per 32 nonzeros behind dependent global loads.
+        // Staged: the block decodes its group once; a task only reads shared memory.
+        double compute = nnz_g * chunks * (p_best + 0.5) +
+                         (staged ? nnz_g * 0.5 + static_cast<double>(tasks) * 4.0
+                                 : nnz_g / 32.0 * chunks * 10.0 + static_cast<double>(tasks) * 20.0);
         if (tasks < 2 * kWarps) compute *= (2.0 * kWarps) / static_cast<double>(tasks);
         const double out = static_cast<double>(th * tw * rpg) * (2.0 / 32.0 + elem_bytes / 64.0);
         const double fixed = 2000.0;
@@ -105,6 +112,7 @@ Plan ChooseTilePlan(const ConvGeometry& g, int elem_bytes, const DeviceLimits& l
                             std::ceil(blocks / (sms * bps)) * fixed;
         if (!best.ok || cost < best.cost * 0.999) {
           best.ok = true;
+          best.staged = staged;
           best.cost = cost;
           best.affine = affine;
           best.pixels_per_thread = p_best;
@@ -133,6 +141,8 @@ Plan ChooseTilePlan(const ConvGeometry& g, int elem_bytes, const DeviceLimits& l
           a.out_pitch = static_cast<int>(pitch);
           a.out_floats = static_cast<int>(out_floats);
           a.vec_fill = (cin % (16 / elem_bytes)) == 0 ? 1 : 0;
+          a.meta_cap = static_cast<int>(meta_cap);
+          a.ptr_ints = static_cast<int>(ptr_ints);
           a.div_cin = FastDiv::Make(static_cast<uint32_t>(cin));
           a.div_kw = FastDiv::Make(static_cast<uint32_t>(g.kernel_w));
         }

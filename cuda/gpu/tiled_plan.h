@@ -66,11 +66,15 @@ struct TileArgs {
   int out_pitch;             // staging floats per pixel (>= rows_per_group)
   int out_floats;            // staging floats
   int vec_fill;              // 1: Cin is a multiple of the 16-byte vector width
+  // Staged variant only: capacity of the block's decoded (offset, value) pairs and the
+  // ints reserved for its row pointers (a multiple of 4, so the pairs stay 16-byte aligned).
+  int meta_cap, ptr_ints;
   FastDiv div_cin, div_kw;
 };
 
 struct Plan {
   bool ok = false;
+  bool staged = false;   // the block stages its filter rows in shared memory (see below)
   bool affine = false;   // stride-1 pixel addressing (virtual pixels incl. junk columns)
   int pixels_per_thread = 1;  // P
   int smem_bytes = 0;
@@ -85,10 +89,18 @@ struct DeviceLimits {
   int max_smem_sm = 228 * 1024;
 };
 
+// Staged variant: before computing, a block decodes the nonzeros of its whole group of
+// output channels (row pointers, then (offset, value) pairs) into shared memory, next to
+// the input window, so its tasks run without a dependent global load each. Groups whose
+// nonzeros exceed the planned capacity (uneven rows) or whose pointers are disordered
+// take the streaming path of the plain kernel. The capacity is planned from the mean row
+// length with this much slack:
+constexpr double kStagedSlack = 1.5;
+
 // Best plan for geometry `g` (already reshaped by the caller for 1x1 SpMM);
 // `elem_bytes` is the element size of x. Returns ok = false when even the
 // smallest tile does not fit in shared memory.
-Plan ChooseTilePlan(const ConvGeometry& g, int elem_bytes, const DeviceLimits& limits);
+Plan ChooseTilePlan(const ConvGeometry& g, int elem_bytes, const DeviceLimits& limits, bool staged = false);
 
 }  // namespace tiled
 }  // namespace jaxsparse

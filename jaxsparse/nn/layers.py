@@ -21,13 +21,17 @@ from flax.nnx.nn import dtypes as nnx_dtypes
 from flax.nnx.nn import initializers
 
 from jaxsparse.format import SUPPORTED_DTYPES, SparseFilter, magnitude_mask
+from jaxsparse.geometry import PADDING_STRINGS as GEOMETRY_PADDING_STRINGS
+from jaxsparse.geometry import (as_static_int, as_static_ints, dilated_size, is_scalar, normalize_ints,
+                                padding_pairs)
 from jaxsparse.ops import sparse_conv
 from jaxsparse.options import canonical_precision, check_kernel, precision_from_json, precision_to_json
 
 default_kernel_init = initializers.lecun_normal()
 default_bias_init = initializers.zeros_init()
 
-PADDING_STRINGS = ("SAME", "VALID", "CIRCULAR", "REFLECT", "CAUSAL")
+# sparse_conv's padding strings, and those nnx.Conv handles by padding the input first.
+PADDING_STRINGS = GEOMETRY_PADDING_STRINGS + ("CIRCULAR", "REFLECT", "CAUSAL")
 
 
 class SparseStructure(nnx.Variable):
@@ -35,18 +39,13 @@ class SparseStructure(nnx.Variable):
 
 
 def _as_tuple(value, n: int, name: str) -> tuple[int, ...]:
-    if value is None:
-        value = 1
-    if isinstance(value, (int, np.integer)):
-        return (int(value),) * n
-    value = tuple(int(v) for v in value)
-    if len(value) != n:
-        raise ValueError(f"{name} must be an int or {n} ints, got {value}")
-    return value
+    """None (1), an int or `n` ints; floats, strings and bools raise (`geometry.normalize_ints`)."""
+    return normalize_ints(1 if value is None else value, n, f"SparseConv: {name}")
 
 
 def canonicalize_padding(padding, rank: int):
-    """As `nnx.Conv`: a string, an int, or ``rank`` ints / (low, high) pairs."""
+    """As `nnx.Conv`: a string (`PADDING_STRINGS`, any case; returned in upper case), an
+    int, or ``rank`` ints / (low, high) pairs of ints (`geometry.padding_pairs`)."""
     if isinstance(padding, str):
         mode = padding.upper()
         if mode not in PADDING_STRINGS:
@@ -55,21 +54,26 @@ def canonicalize_padding(padding, rank: int):
         if mode == "CAUSAL" and rank != 1:
             raise ValueError("Causal padding is only implemented for 1D convolutions.")
         return mode
-    if isinstance(padding, (int, np.integer)):
-        return ((int(padding), int(padding)),) * rank
-    if isinstance(padding, tp.Sequence) and len(padding) == rank:
-        pads = []
-        for p in padding:
-            if isinstance(p, (int, np.integer)):
-                pads.append((int(p), int(p)))
-            elif isinstance(p, tp.Sequence) and len(p) == 2:
-                pads.append((int(p[0]), int(p[1])))
-            else:
-                break
-        if len(pads) == rank:
-            return tuple(pads)
-    raise ValueError(f"Invalid padding format: {padding!r}, should be str, int, or a sequence of "
-                     f"len {rank} where each element is an int or pair of ints.")
+    return padding_pairs(padding, rank, name="SparseConv: padding", int_per_dimension=True)
+
+
+def layer_geometry(kernel_size, strides, padding, kernel_dilation):
+    """(kernel_size, strides, padding, kernel_dilation) of a layer, checked and canonical: the
+    one normalisation of the NNX and the Linen `SparseConv`. ``kernel_size``: an int (1-D)
+    or 1 or 2 ints; ``strides``, ``kernel_dilation``: None, an int or one int per
+    dimension (`geometry.normalize_ints`: never rounded); ``padding``: `canonicalize_padding`."""
+    name = "SparseConv: kernel_size"
+    if is_scalar(kernel_size):
+        kernel_size = (as_static_int(kernel_size, name),)
+    else:
+        kernel_size = as_static_ints(kernel_size, name)
+    if len(kernel_size) not in (1, 2):
+        raise ValueError(f"SparseConv supports 1-D and 2-D kernels, got kernel_size={kernel_size}")
+    if any(k < 1 for k in kernel_size):
+        raise ValueError(f"SparseConv: kernel_size must be positive, got {kernel_size}")
+    nd = len(kernel_size)
+    return (kernel_size, _as_tuple(strides, nd, "strides"), canonicalize_padding(padding, nd),
+            _as_tuple(kernel_dilation, nd, "kernel_dilation"))
 
 
 def csr_from_mask(kernel: np.ndarray, mask: np.ndarray, dtype):
@@ -93,8 +97,10 @@ class SparseConv(nnx.Module):
     Args:
       in_features, out_features, kernel_size, strides, padding, kernel_dilation,
         use_bias, dtype, param_dtype, precision, kernel_init, bias_init, rngs:
-        as `nnx.Conv`. ``padding``: 'SAME', 'VALID', 'CIRCULAR', 'REFLECT',
-        'CAUSAL' (1-D), an int, or per-dimension ints / (low, high) pairs.
+        as `nnx.Conv`. ``padding``: 'SAME', 'VALID', 'SAME_LOWER', 'CIRCULAR',
+        'REFLECT', 'CAUSAL' (1-D; `PADDING_STRINGS`, any case), an int, or
+        per-dimension ints / (low, high) pairs. Geometry is integers only
+        (`layer_geometry`: never rounded).
         ``param_dtype`` must be float32, bfloat16 or float16. ``precision`` is
         passed to `jaxsparse.sparse_conv` (``HIGHEST``: exact float32, never
         TF32; `jaxsparse.options`).
@@ -118,7 +124,6 @@ class SparseConv(nnx.Module):
                  kernel_family: str | None = None, rngs: nnx.Rngs | None = None,
                  _weights=None, _nnz: int | None = None):
         # _weights=(kernel, mask, bias) and _nnz are private: used by from_dense / from_structure.
-        kernel_size = (kernel_size,) if isinstance(kernel_size, (int, np.integer)) else tuple(kernel_size)
         self._setup(kernel_size, in_features, out_features, strides, padding, input_dilation,
                     kernel_dilation, feature_group_count, dtype, param_dtype, precision, activation,
                     kernel_family)
@@ -144,8 +149,8 @@ class SparseConv(nnx.Module):
     def _setup(self, kernel_size, in_features, out_features, strides, padding, input_dilation,
                kernel_dilation, feature_group_count, dtype, param_dtype, precision, activation,
                kernel_family):
-        if len(kernel_size) not in (1, 2):
-            raise ValueError(f"SparseConv supports 1-D and 2-D kernels, got kernel_size={kernel_size}")
+        kernel_size, strides, padding, kernel_dilation = layer_geometry(kernel_size, strides, padding,
+                                                                        kernel_dilation)
         if feature_group_count != 1:
             raise NotImplementedError("SparseConv: feature_group_count != 1 (grouped/depthwise "
                                       "convolution) is not supported")
@@ -158,14 +163,14 @@ class SparseConv(nnx.Module):
         if dtype is not None and np.dtype(dtype) not in SUPPORTED_DTYPES:
             raise TypeError(f"SparseConv: dtype must be None, float32, bfloat16 or float16, got "
                             f"{np.dtype(dtype)}")
-        self.kernel_size = tuple(int(k) for k in kernel_size)
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
+        self.kernel_size = kernel_size
+        self.in_features = as_static_int(in_features, "SparseConv: in_features")
+        self.out_features = as_static_int(out_features, "SparseConv: out_features")
         self.kernel_shape = self.kernel_size + (self.in_features, self.out_features)
-        self.strides = _as_tuple(strides, len(kernel_size), "strides")
-        self.padding = canonicalize_padding(padding, len(kernel_size))
+        self.strides = strides
+        self.padding = padding
         self.input_dilation = 1
-        self.kernel_dilation = _as_tuple(kernel_dilation, len(kernel_size), "kernel_dilation")
+        self.kernel_dilation = kernel_dilation
         self.feature_group_count = 1
         self.dtype = dtype
         self.param_dtype = param_dtype
@@ -320,12 +325,12 @@ def apply_sparse_conv(inputs, data, indices, indptr, bias, *, kernel_size, in_fe
                         "set dtype= on the layer")
 
     if padding in ("CIRCULAR", "REFLECT"):
-        dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation)]
+        dilated = [dilated_size(k, d) for k, d in zip(kernel_size, kernel_dilation)]
         pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
         inputs = jnp.pad(inputs, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding])
         padding = "VALID"
     elif padding == "CAUSAL":
-        left = kernel_dilation[0] * (kernel_size[0] - 1)
+        left = dilated_size(kernel_size[0], kernel_dilation[0]) - 1
         inputs = jnp.pad(inputs, [(0, 0), (left, 0), (0, 0)])
         padding = "VALID"
 

@@ -140,8 +140,12 @@ class CNNNonStatic(nnx.Module):
                  widths: tp.Sequence[int] = (3, 4, 5), feature_maps: int = 100, dropout: float = 0.5,
                  embeddings=None, dtype=None, param_dtype=jnp.float32, precision=None, rngs: nnx.Rngs):
         self.embed = nnx.Embed(vocab_size, embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        if embeddings is not None:
-            self.embed.embedding[...] = jnp.asarray(embeddings, param_dtype)
+        if embeddings is not None:  # pretrained word vectors (row i: token id i), fine-tuned with the rest
+            embeddings = jnp.asarray(embeddings, param_dtype)
+            if embeddings.shape != (vocab_size, embed_dim):
+                raise ValueError(f"embeddings must have shape (vocab_size, embed_dim) = {(vocab_size, embed_dim)}, "
+                                 f"got {embeddings.shape}")
+            self.embed.embedding[...] = embeddings
         self.convs = nnx.List([nnx.Conv(embed_dim, feature_maps, (w,), padding="VALID", dtype=dtype,
                                         param_dtype=param_dtype, precision=precision, rngs=rngs)
                                for w in widths])

@@ -10,7 +10,9 @@ compute the same function, so the model's outputs do not depend on the choice:
   dtype and precision and the sparse side with the kernel family that would
   run, and keeps the faster, so a sparsified model is never slower than the
   dense one layer for layer. Where no native sparse kernel exists on the device,
-  sparse counts as unavailable (the densify fallback is never timed).
+  sparse counts as unavailable (the densify fallback is never timed). The report
+  keeps how each timing was got (`LayerDecision.dense_check`, ``sparse_check``)
+  and flags the layers decided on a fallback timing (one that failed its checks).
 
 Timing and its on-disk cache: `jaxsparse.nn.timing`; graph surgery:
 `jaxsparse.nn.graph`.
@@ -25,16 +27,19 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import typing as tp
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxsparse.format import SUPPORTED_DTYPES, magnitude_mask
 from jaxsparse.nn.graph import capture_input_shapes, find_convs, path_str, set_by_path
-from jaxsparse.nn.layers import SparseConv, canonicalize_padding
-from jaxsparse.nn.timing import LayerSpec, TimingCache, chain_timer, native_sparse_unavailable
+from jaxsparse.geometry import dilated_size
+from jaxsparse.nn.layers import SparseConv, layer_geometry
+from jaxsparse.nn.timing import LayerSpec, TimingCache, chain_timer, measured_us, native_sparse_unavailable
 from jaxsparse.options import canonical_precision, check_kernel
 
 POLICIES = ("sparse", "dense", "auto")
@@ -45,6 +50,11 @@ POLICIES = ("sparse", "dense", "auto")
 
 @dataclasses.dataclass
 class LayerDecision:
+    """One layer's outcome. ``dense_check``/``sparse_check`` say how each timing of
+    ``policy='auto'`` was got: 'ok' or 'remeasured' (passed the chain method's checks),
+    'fallback' (failed them: a conservative estimate, never cached), 'cached' (from the
+    timing cache, where only checked timings go); a timer returning a plain number counts as
+    'ok'. None where nothing was timed."""
     path: str
     sparsity: float | None
     nnz: int | None
@@ -52,6 +62,13 @@ class LayerDecision:
     sparse_us: float | None
     choice: str                         # 'sparse', 'dense', or 'unchanged'
     reason: str = ""
+    dense_check: str | None = None
+    sparse_check: str | None = None
+
+    @property
+    def on_fallback(self) -> bool:
+        """Whether the choice rests on a timing that failed its checks."""
+        return "fallback" in (self.dense_check, self.sparse_check)
 
     @property
     def speedup(self) -> float | None:
@@ -65,6 +82,7 @@ class SparsifyReport:
     policy: str
     layers: list[LayerDecision]
     cache_path: str | None = None       # where policy='auto' cached its timings
+    device: str | None = None           # where policy='auto' timed
 
     def __iter__(self):
         return iter(self.layers)
@@ -82,37 +100,64 @@ class SparsifyReport:
         return {d.path: d.choice for d in self.layers}
 
     def to_json(self) -> dict:
-        return {"policy": self.policy, "cache_path": self.cache_path,
+        return {"policy": self.policy, "cache_path": self.cache_path, "device": self.device,
                 "layers": [dataclasses.asdict(d) for d in self.layers]}
 
     def summary(self) -> str:
-        """One line: how many layers went which way, and why the dense ones stayed dense."""
+        """One line: how many layers went which way, which stayed dense and why, where
+        the timings are cached."""
         counts = {c: sum(d.choice == c for d in self.layers) for c in ("sparse", "dense", "unchanged")}
-        reasons: dict[str, int] = {}
+        pruned = counts["sparse"] + counts["dense"]
+        groups: dict[str, list[LayerDecision]] = {}
         for d in self.layers:
             if d.choice == "dense":
-                why = d.reason or ("dense was faster" if d.speedup is not None else "policy='dense'")
-                reasons[why] = reasons.get(why, 0) + 1
-        line = (f"policy={self.policy}: {counts['sparse']} sparse, {counts['dense']} dense, "
+                groups.setdefault(d.reason or "policy='dense'", []).append(d)
+        where = f" on {self.device}" if self.device else ""
+        line = (f"policy={self.policy}{where}: {counts['sparse']} sparse, {counts['dense']} dense, "
                 f"{counts['unchanged']} unchanged")
-        if reasons:
-            line += "; dense because: " + "; ".join(f"{why} ({n})" for why, n in reasons.items())
+        if groups:
+            line += "; dense because: " + "; ".join(
+                f"{why} ({len(ds)}): {_names(ds, pruned)}{_slowdown(ds)}" for why, ds in groups.items())
+        fallback = [d for d in self.layers if d.on_fallback]
+        if fallback:
+            line += (f"; decided on a fallback timing (failed its checks; not cached) ({len(fallback)}): "
+                     f"{_names(fallback, pruned)}")
+        if self.policy == "auto" and counts["dense"] and not counts["sparse"]:
+            line += ("; no layer went sparse: the model computes as the dense one (pruned kernels), "
+                     "and save() stores every kernel in full")
         if self.cache_path:
             line += f"; timings cached in {self.cache_path}"
         return line
 
     def table(self) -> str:
-        def fmt(v):
-            return "-" if v is None else f"{v:.1f}"
+        def fmt(v, check):  # '~': a fallback timing
+            return "-" if v is None else ("~" if check == "fallback" else "") + f"{v:.1f}"
         rows = [f"{'layer':<40} {'sparsity':>8} {'dense µs':>10} {'sparse µs':>10} {'choice':>8}"]
         for d in self.layers:
             s = "-" if d.sparsity is None else f"{d.sparsity:.3f}"
-            rows.append(f"{d.path:<40} {s:>8} {fmt(d.dense_us):>10} {fmt(d.sparse_us):>10} "
+            rows.append(f"{d.path:<40} {s:>8} {fmt(d.dense_us, d.dense_check):>10} "
+                        f"{fmt(d.sparse_us, d.sparse_check):>10} "
                         f"{d.choice:>8}" + (f"  ({d.reason})" if d.reason else ""))
         rows.append(self.summary())
         return "\n".join(rows)
 
     __str__ = table
+
+
+def _names(decisions: list[LayerDecision], pruned: int, most: int = 8) -> str:
+    if len(decisions) == pruned and pruned > 2:
+        return f"all {pruned} pruned layers"
+    names = [d.path for d in decisions]
+    return ", ".join(names) if len(names) <= most else ", ".join(names[:most]) + f", +{len(names) - most} more"
+
+
+def _slowdown(decisions: list[LayerDecision]) -> str:
+    """How much slower sparse measured, where both sides were timed."""
+    slower = sorted(1 / d.speedup for d in decisions if d.speedup)
+    if not slower:
+        return ""
+    span = f"{slower[0]:.1f}x" if f"{slower[0]:.1f}" == f"{slower[-1]:.1f}" else f"{slower[0]:.1f}-{slower[-1]:.1f}x"
+    return f" (sparse {span} slower)"
 
 
 # ---- sparsify ---------------------------------------------------------------
@@ -167,13 +212,15 @@ def sparsify(model, sparsity, *, policy: str = "sparse", sample_input=None,
         ``lambda m, x: m(x)``). Or give ``input_shapes={path: shape}``.
       batch_size: for 'auto': time at this batch instead of the input's.
       timer: ``(LayerSpec, 'dense' | 'sparse') -> µs`` (or a measurement with
-        ``us`` and ``ok``); default `jaxsparse.nn.timing.chain_timer`.
+        ``us`` and ``ok``, and the ``check`` of a `jaxsparse.benchmark.ChainTime`,
+        kept in the report); default `jaxsparse.nn.timing.chain_timer`.
       cache: a `TimingCache`, a JSON path, True (the default location, see
         ``JAXSPARSE_CACHE_DIR``) or False (no cache).
       kernel_family: the ``kernel`` option of the new `SparseConv` layers (None:
         `sparse_conv`'s default); 'auto' times the sparse side with it.
-      progress: for 'auto': a progress bar per layer on stderr (default: on when
-        timing runs, i.e. no injected timer).
+      progress: for 'auto': on stderr, where it times and caches, a progress bar
+        per layer, then the report's summary (default: on when timing runs, i.e.
+        no injected timer).
       inplace: modify ``model`` instead of a clone.
     """
     if policy not in POLICIES:
@@ -187,7 +234,7 @@ def sparsify(model, sparsity, *, policy: str = "sparse", sample_input=None,
         if s is not None and not 0.0 <= float(s) <= 1.0:
             raise ValueError(f"sparsity of {p} must be in [0, 1], got {s}")
 
-    shapes, cache_path, no_native = {}, None, None
+    shapes, cache_path, no_native, device, recorded = {}, None, None, None, None
     if policy == "auto":
         if input_shapes is not None:
             shapes = {str(k): (tuple(v), None) for k, v in input_shapes.items()}
@@ -198,7 +245,7 @@ def sparsify(model, sparsity, *, policy: str = "sparse", sample_input=None,
                              "layer's input shape")
         if progress is None:
             progress = timer is None
-        timer = timer or chain_timer
+        timer = recorded = _Recorded(timer or chain_timer)
         if cache is True:
             cache = TimingCache()
         elif isinstance(cache, (str, os.PathLike)):
@@ -207,19 +254,19 @@ def sparsify(model, sparsity, *, policy: str = "sparse", sample_input=None,
             timer = cache.cached(timer)
             cache_path = str(cache.path)
         no_native = native_sparse_unavailable()
+        device = _device_name()
 
-    layers = convs
-    if policy == "auto" and progress:
-        from tqdm.auto import tqdm
-        layers = tqdm(convs, desc="sparsify: timing dense vs sparse", unit="layer")
+    show = _Progress(convs, device, cache_path, no_native) if policy == "auto" and progress else None
     decisions = []
-    for path, conv in layers:
+    for path, conv in convs:
         key = path_str(path)
-        if policy == "auto" and progress:
-            layers.set_postfix_str(key)
+        if show:
+            show.start(key)
         s = per_layer[key]
         if s is None:
             decisions.append(LayerDecision(key, None, None, None, None, "unchanged"))
+            if show:
+                show.done(decisions[-1])
             continue
         s = float(s)
         kernel = np.asarray(conv.kernel[...])
@@ -229,22 +276,107 @@ def sparsify(model, sparsity, *, policy: str = "sparse", sample_input=None,
         nnz = int(mask.sum())
         why_not = _unsupported(conv)
         dense_us = sparse_us = None
+        if policy == "auto":
+            recorded.clear()
         if why_not is not None:
             choice, reason = "dense", f"unsupported by SparseConv: {why_not}"
         elif policy == "auto" and no_native:
             choice, reason = "dense", f"sparse unavailable: {no_native}"
         elif policy == "auto":
             spec = _spec(key, conv, shapes, s, batch_size, kernel_family or "auto")
-            dense_us, sparse_us = float(timer(spec, "dense")), float(timer(spec, "sparse"))
-            choice, reason = ("sparse" if sparse_us < dense_us else "dense"), ""
+            dense_us, sparse_us = (measured_us(timer(spec, impl))[0] for impl in ("dense", "sparse"))
+            choice, reason = ("sparse", "") if recorded.sparse_faster(dense_us, sparse_us) else ("dense", "dense was faster")
         else:
             choice, reason = policy, ""
         if choice == "sparse":
             set_by_path(new, path, SparseConv.from_dense(conv, mask=mask, kernel_family=kernel_family))
         else:
             conv.kernel[...] = jnp.asarray(kernel * mask, conv.kernel.dtype)
-        decisions.append(LayerDecision(key, s, nnz, dense_us, sparse_us, choice, reason))
-    return new, SparsifyReport(policy, decisions, cache_path)
+        timed = dense_us is not None
+        decisions.append(LayerDecision(key, s, nnz, dense_us, sparse_us, choice, reason,
+                                       recorded.checks.get("dense", "cached") if timed else None,
+                                       recorded.checks.get("sparse", "cached") if timed else None))
+        if show:
+            show.done(decisions[-1])
+    report = SparsifyReport(policy, decisions, cache_path, device)
+    if show:
+        show.close(report)
+    return new, report
+
+
+class _Recorded:
+    """The timer, noting the check of each result it returns (``checks[impl]``: a `ChainTime`'s
+    ``check``; 'ok' for a plain number, 'fallback' for a measurement with ``ok`` False) and its
+    per-op time ``T(k_large)/k_large`` before the cache turns it into µs; an impl missing from
+    ``checks`` came from the cache."""
+
+    def __init__(self, timer):
+        self.timer, self.checks, self.per_op = timer, {}, {}
+
+    def __call__(self, spec, impl):
+        result = self.timer(spec, impl)
+        self.checks[impl] = getattr(result, "check", None) or ("ok" if getattr(result, "ok", True) else "fallback")
+        self.per_op[impl] = getattr(result, "per_op_us", None)
+        return result
+
+    def clear(self):
+        self.checks.clear()
+        self.per_op.clear()
+
+    def sparse_faster(self, dense_us: float, sparse_us: float) -> bool:
+        """A fallback time is ``T(k_large)/k_large`` (the call's fixed cost included), a checked
+        one a slope (without it): where one side fell back, both sides' ``T(k_large)/k_large``
+        are compared, so that neither side carries the fixed cost alone."""
+        if "fallback" in self.checks.values() and all(self.per_op.get(i) for i in ("dense", "sparse")):
+            dense_us, sparse_us = self.per_op["dense"], self.per_op["sparse"]
+        return sparse_us < dense_us
+
+
+def _device_name() -> str:
+    d = jax.devices()[0]
+    kind = str(getattr(d, "device_kind", d.platform))
+    return d.platform if kind.lower() == d.platform else f"{d.platform} ({kind})"
+
+
+class _Progress:
+    """What ``policy='auto'`` shows on stderr: where it times and caches, a tqdm bar
+    per layer (a line per layer without tqdm), then the report's summary."""
+
+    def __init__(self, convs, device, cache_path, no_native):
+        where = f"timings cached in {cache_path}" if cache_path else "timings not cached"
+        head = f"sparsify: timing {len(convs)} convolutions dense vs sparse on {device}; {where}"
+        if no_native:
+            head += f"\nsparsify: sparse unavailable ({no_native}): every pruned layer stays dense"
+        print(head, file=sys.stderr, flush=True)
+        self.counts = {"sparse": 0, "dense": 0}
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            self.bar = None
+        else:
+            self.bar = tqdm(total=len(convs), desc="sparsify", unit="layer", file=sys.stderr)
+
+    def start(self, key):
+        if self.bar is not None:
+            self.bar.set_postfix_str(self._status(key))
+
+    def done(self, d: LayerDecision):
+        if d.choice in self.counts:
+            self.counts[d.choice] += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(self._status(d.path), refresh=False)
+            self.bar.update()
+        else:
+            print(f"sparsify: {d.path}: {d.choice}" + (f" ({d.reason})" if d.reason else "")
+                  + (" [on a fallback timing]" if d.on_fallback else ""), file=sys.stderr, flush=True)
+
+    def _status(self, key):
+        return f"{key}; so far {self.counts['sparse']} sparse, {self.counts['dense']} dense"
+
+    def close(self, report):
+        if self.bar is not None:
+            self.bar.close()
+        print(f"sparsify: {report.summary()}", file=sys.stderr, flush=True)
 
 
 def _spec(key, conv: nnx.Conv, shapes, sparsity, batch_size, kernel_family) -> LayerSpec:
@@ -261,14 +393,12 @@ def _spec(key, conv: nnx.Conv, shapes, sparsity, batch_size, kernel_family) -> L
     else:
         dtype = jnp.promote_types(in_dtype or conv.kernel.dtype, conv.kernel.dtype)
 
-    def tup(v):
-        return tuple(int(a) for a in np.broadcast_to(1 if v is None else v, (nd,)))
-
-    padding = canonicalize_padding(conv.padding, nd)
+    _, strides, padding, dilation = layer_geometry(conv.kernel_size, conv.strides, conv.padding,
+                                                   conv.kernel_dilation)
     if padding in ("CIRCULAR", "REFLECT"):
         padding = "SAME"  # both implementations pad the input the same way first: same cost
     elif padding == "CAUSAL":
-        padding = ((tup(conv.kernel_dilation)[0] * (conv.kernel_size[0] - 1), 0),)
-    return LayerSpec(key, shape, tuple(conv.kernel.shape), tup(conv.strides), padding,
-                     tup(conv.kernel_dilation), jnp.dtype(dtype).name, float(sparsity), conv.bias is not None,
+        padding = ((dilated_size(conv.kernel_size[0], dilation[0]) - 1, 0),)
+    return LayerSpec(key, shape, tuple(conv.kernel.shape), strides, padding,
+                     dilation, jnp.dtype(dtype).name, float(sparsity), conv.bias is not None,
                      precision=canonical_precision(conv.precision).name, kernel_family=kernel_family)

@@ -1,18 +1,22 @@
 """Timing of one layer, dense against sparse, for `sparsify(policy='auto')`.
 
 Timing goes through ``timer(spec: LayerSpec, impl: 'dense' | 'sparse')``, which
-returns µs or a measurement with ``us`` and ``ok`` (`jaxsparse.benchmark`). The
-default, `chain_timer`, uses the chain method. Results are cached on disk
+returns µs or a measurement with ``us`` and ``ok``. The default, `chain_timer`,
+uses the chain method and returns a checked `jaxsparse.benchmark.ChainTime`
+(``ok`` False for a ``'fallback'`` estimate). Results are cached on disk
 (JSON) keyed by device kind, platform, JAX and jaxsparse versions and every
 field of the `LayerSpec` but its path (shapes, dtype, precision, kernel family,
-sparsity, batch); a measurement that failed its checks is never cached
-(`TimingCache`). Tests inject deterministic timers.
+sparsity, batch); a measurement that failed its checks is never cached, and a
+non-positive entry on disk is ignored (`TimingCache`). Tests inject
+deterministic timers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import os
 import pathlib
 import typing as tp
@@ -24,6 +28,7 @@ from jax import lax
 
 from jaxsparse import _native
 from jaxsparse.format import magnitude_mask
+from jaxsparse.geometry import conv_output_shape, normalize_padding
 
 CACHE_ENV = "JAXSPARSE_CACHE_DIR"
 
@@ -99,7 +104,11 @@ class TimingCache:
         return json.dumps({**_device_info(), **spec.cache_key(), "impl": impl}, sort_keys=True)
 
     def get(self, spec: LayerSpec, impl: str) -> float | None:
-        return self._entries.get(self.key(spec, impl))
+        """The cached µs, or None (also for an entry that is not a positive number: a JSON
+        ``true`` is no time, although a Python bool is an int)."""
+        us = self._entries.get(self.key(spec, impl))
+        ok = isinstance(us, (int, float)) and not isinstance(us, bool) and math.isfinite(us) and us > 0
+        return us if ok else None
 
     def put(self, spec: LayerSpec, impl: str, us: float) -> None:
         self._entries[self.key(spec, impl)] = float(us)
@@ -155,13 +164,34 @@ def layer_functions(spec: LayerSpec, seed: int = 0):
     return dense, sparse, x
 
 
-def chain_timer(spec: LayerSpec, impl: str, **chain_kwargs) -> float:
-    """Per-call µs of the layer by the chain method (`jaxsparse.benchmark.chain_time_us`).
+def layer_flops(spec: LayerSpec, impl: str) -> float:
+    """FLOP of one call of the layer: 2 x multiply-adds of the dense convolution,
+    times the density (1 - sparsity) for the sparse one (its useful work)."""
+    kernel_size, cout = spec.kernel_shape[:-2], spec.kernel_shape[-1]
+    pads = normalize_padding(spec.padding, spec.input_shape[1:-1], kernel_size, spec.strides,
+                             spec.kernel_dilation)
+    out_shape = conv_output_shape(spec.input_shape, kernel_size, spec.strides, pads, spec.kernel_dilation, cout)
+    flops = 2.0 * math.prod(out_shape) * math.prod(spec.kernel_shape[:-1])
+    return flops * (1.0 - spec.sparsity) if impl == "sparse" else flops
+
+
+@functools.lru_cache(maxsize=None)
+def measured_peak_tflops(dtype: str, precision: str) -> float:
+    """`jaxsparse.benchmark.matmul_peak_tflops` at ``dtype``/``precision``, measured once per process."""
+    from jaxsparse.benchmark import matmul_peak_tflops
+    return matmul_peak_tflops(jnp.dtype(dtype), precision=lax.Precision[precision])
+
+
+def chain_timer(spec: LayerSpec, impl: str, *, peak_check: bool = True, **chain_kwargs):
+    """Per-call µs of the layer by the chain method (`jaxsparse.benchmark.chain_time_us`),
+    as a checked `jaxsparse.benchmark.ChainTime` (``ok`` False: a fallback, not cached).
 
     A convolution's output generally cannot feed its input (channels, stride),
     so each chain step is ``x -> x + 1e-6 * mean(layer(x))``: a dependent chain
     whose extra cost (one reduction of the output) is the same for both
-    implementations."""
+    implementations. ``peak_check`` also rejects a time whose rate for the
+    layer's FLOP (`layer_flops`) beats ``peak_margin`` (default 2) x the matmul
+    peak of its dtype and precision (`measured_peak_tflops`, once per process)."""
     from jaxsparse.benchmark import chain_time_us
     dense, sparse, x = layer_functions(spec)
     fn = {"dense": dense, "sparse": sparse}[impl]
@@ -169,4 +199,7 @@ def chain_timer(spec: LayerSpec, impl: str, **chain_kwargs) -> float:
     def step(x):
         return x + (1e-6 * jnp.mean(fn(x).astype(jnp.float32))).astype(x.dtype)
 
-    return float(chain_time_us(step, x, **chain_kwargs))
+    if peak_check:
+        chain_kwargs.setdefault("flops", layer_flops(spec, impl))
+        chain_kwargs.setdefault("peak_tflops", measured_peak_tflops(spec.dtype, spec.precision))
+    return chain_time_us(step, x, **chain_kwargs)

@@ -1,0 +1,325 @@
+"""The per-filter plan of a tensor-core sparse convolution (host side, NumPy).
+
+A tensor-core kernel multiplies dense tiles. For an unstructured-sparse filter
+it takes the output channels ``R`` at a time (a *group*: R = 16 rows of the
+mma ``A`` operand for bf16/f16 ``m16n8k16`` and TF32 ``m16n8k8``; R = 8 is
+allowed for a kernel that puts the weights in the ``n = 8`` operand), gathers
+only the *union* of the group's nonzero columns from the implicit-GEMM input,
+and multiplies it with the group's dense ``R x |union|`` weight tile, zero where
+a row lacks a union column. The work is proportional to the union fraction
+``u = sum_g |union_g| / (groups * taps)``, so the rows are first permuted to
+put output channels with overlapping supports in the same group
+(`greedy_row_groups`). A `TensorCorePlan` is computed once per sparsity
+pattern with `tensor_core_plan` and holds:
+
+``channels`` (G, R) int32
+    Tile row ``i`` of group ``g`` computes output channel ``channels[g, i]``.
+    Only the last group may be partial; its missing rows hold ``-1``: their
+    tile rows are zero and the kernel must not store them. ``plan.perm``
+    (``channels.ravel()[:Cout]``) is the output-channel permutation.
+``columns`` (K_total,) int32, ``col_offsets`` (G + 1,) int64
+    Group ``g``'s columns are ``columns[col_offsets[g]:col_offsets[g + 1]]``:
+    its union columns (filter column indices ``c = (kh * KW + kw) * Cin + ci``)
+    in increasing order, ``union_sizes[g]`` of them, then padding up to
+    ``k_padded[g]``, the next multiple of ``k_multiple`` (the mma k: 16 for
+    bf16/f16, 8 for TF32). **Padding repeats the group's last union column**
+    with zero weights, so the kernel reads only valid input columns and needs no
+    branch or sentinel. A group whose rows are all empty has ``k_padded = 0``
+    (no columns, an empty tile: its outputs are the bias alone).
+``packed`` weights (``packed_size``,), built by `TensorCorePlan.pack`
+    Group ``g``'s tile is dense, row-major ``(R, k_padded[g])``, at
+    ``tile_offsets[g] = R * col_offsets[g]``: weight of tile row ``i`` for
+    column ``columns[col_offsets[g] + t]`` is
+    ``packed[tile_offsets[g] + i * k_padded[g] + t]``. One k-step ``s`` of the
+    mma reads, for every row ``i``, the ``k_multiple`` contiguous weights from
+    ``t = s * k_multiple`` and the input columns ``columns[col_offsets[g] + t
+    ...]``.
+``positions`` (nnz,) int32
+    Where CSR nonzero ``j`` (``filter.data[j]``) lands in ``packed``; every
+    other slot is a zero fill. Packing is the scatter
+    ``jnp.zeros(packed_size).at[positions].set(filter.data)``: traceable, and
+    its gradient is the gather ``cotangent[positions]``.
+
+Non-finite inputs. The union multiplies zero-filled weights with every union
+column, so a NaN/Inf input in a union column makes the outputs of the whole
+group NaN (``0 * NaN``), including channels that never store that column;
+this differs from `jaxsparse.sparse_conv`, where only stored entries meet the
+input (the union behaves like a dense convolution within the group). The padding column
+adds no exposure beyond the union (it repeats a union column).
+
+A plan is tied to its pattern: it keeps the filter's ``indices`` / ``indptr``
+and their `pattern_fingerprint`. `TensorCorePlan.check` raises
+`TensorCorePlanError` for a concrete filter of another pattern;
+`TensorCorePlan.pack` of a traced filter compares the arrays in JAX and
+returns NaN-poisoned tiles on mismatch, never silently wrong weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsparse.csr import row_ids
+from jaxsparse.format import SparseFilter
+
+_INT32_MAX = np.iinfo(np.int32).max
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+class TensorCorePlanError(ValueError):
+    """A filter does not match a tensor-core plan, or a plan cannot be built."""
+
+
+def pattern_fingerprint(indices, indptr, kernel_size, in_channels: int, out_channels: int) -> str:
+    """SHA-256 (hex) of a sparsity pattern: shape metadata and the int32 bytes of
+    ``indices`` and ``indptr`` (values are not part of it)."""
+    digest = hashlib.sha256(repr((tuple(int(k) for k in kernel_size), int(in_channels),
+                                  int(out_channels))).encode())
+    for array in (indices, indptr):
+        array = np.ascontiguousarray(np.asarray(array), dtype="<i4")
+        digest.update(str(array.shape[0]).encode() + b":")
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _filter_fingerprint(f: SparseFilter) -> str:
+    return pattern_fingerprint(f.indices, f.indptr, f.kernel_size, f.in_channels, f.out_channels)
+
+
+def greedy_row_groups(indptr: np.ndarray, indices: np.ndarray, taps: int, rows: int) -> np.ndarray:
+    """Greedy clustering of CSR rows into groups of ``rows`` with small column unions.
+
+    Each group starts with the longest unassigned row, then repeatedly adds the
+    unassigned row that adds the fewest new columns to the group's union (ties:
+    the larger overlap, then the lowest index). Returns ``(groups, rows)`` int32
+    row ids in pick order, ``-1`` filling the last group.
+
+    Cost: the rows are bitsets (``taps / 64`` words each); adding a row ANDs its
+    new columns with the unassigned rows' bitsets, only over the words those
+    columns touch, to update every candidate's overlap. That is at most
+    ``Cout^2 / 2 * taps / 64`` word operations in all, independent of the
+    density (a 2048 x 4608 pattern plans in about a second).
+    """
+    indptr = np.asarray(indptr, np.int64)
+    indices = np.asarray(indices, np.int64)
+    cout = indptr.shape[0] - 1
+    groups = -(-cout // rows)
+    out = np.full((groups, rows), -1, np.int32)
+    if cout == 0:
+        return out
+    lengths = np.diff(indptr)
+    words = max(1, -(-taps // 64))
+    dense = np.zeros((cout, words * 64), bool)
+    dense[row_ids(indptr), indices] = True
+    bits = np.packbits(dense, axis=1, bitorder="little").view(np.uint64)  # (Cout, words)
+    unassigned = np.arange(cout)
+    for g in range(groups):
+        cand = unassigned                     # this group's candidates (compacted once per group)
+        cand_bits, cand_len = bits[cand], lengths[cand]
+        cand_words = np.ascontiguousarray(cand_bits.T)  # (words, candidates)
+        taken = np.zeros(cand.shape[0], bool)
+        overlap = np.zeros(cand.shape[0], np.int64)
+        union = np.zeros(words, np.uint64)
+        for i in range(min(rows, cand.shape[0])):
+            if i == 0:
+                pick = int(np.argmax(cand_len))
+            else:                             # fewest new columns, then largest overlap
+                key = (cand_len - overlap) * (taps + 1) - overlap
+                key[taken] = _INT64_MAX
+                pick = int(np.argmin(key))
+            taken[pick] = True
+            out[g, i] = cand[pick]
+            new = cand_bits[pick] & ~union
+            union |= new
+            touched = np.flatnonzero(new)
+            if touched.size:                  # gather the touched words only when few
+                sel = touched if 2 * touched.size < words else slice(None)
+                overlap += np.bitwise_count(cand_words[sel] & new[sel, None]).sum(0, dtype=np.int32)
+        unassigned = cand[~taken]
+    return out
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TensorCorePlan:
+    """Grouping, union columns and packed-tile layout of one sparsity pattern.
+
+    Build with `tensor_core_plan`; the module docstring describes every array.
+    """
+
+    rows: int
+    k_multiple: int
+    kernel_size: tuple[int, ...]
+    in_channels: int
+    out_channels: int
+    channels: np.ndarray     # (G, R) int32, -1 = padding row
+    columns: np.ndarray      # (K_total,) int32, padded union columns of every group
+    col_offsets: np.ndarray  # (G + 1,) int64
+    union_sizes: np.ndarray  # (G,) int64, before padding
+    positions: np.ndarray    # (nnz,) int32: CSR nonzero -> flat index in packed
+    indices: np.ndarray      # the pattern the plan was built for
+    indptr: np.ndarray
+    fingerprint: str
+
+    # ---- layout ---------------------------------------------------------------
+    @property
+    def num_groups(self) -> int:
+        return self.channels.shape[0]
+
+    @property
+    def taps(self) -> int:
+        return math.prod(self.kernel_size) * self.in_channels
+
+    @property
+    def nnz(self) -> int:
+        return self.indices.shape[0]
+
+    @property
+    def k_padded(self) -> np.ndarray:
+        """(G,) columns of each group's tile, a multiple of ``k_multiple``."""
+        return np.diff(self.col_offsets)
+
+    @property
+    def tile_offsets(self) -> np.ndarray:
+        """(G + 1,) start of each group's ``(R, k_padded[g])`` tile in ``packed``."""
+        return self.rows * self.col_offsets
+
+    @property
+    def packed_size(self) -> int:
+        return int(self.tile_offsets[-1])
+
+    @property
+    def perm(self) -> np.ndarray:
+        """(Cout,) output channels in tile-row order: ``perm[g * R + i] = channels[g, i]``."""
+        return self.channels.ravel()[: self.out_channels]
+
+    def stats(self) -> dict:
+        """Union fraction ``u`` (before padding) and ``u_padded``, both over
+        ``groups * taps``; ``u_random = 1 - (1 - density)^R``, the expected ``u``
+        of a uniformly random pattern without clustering; ``fill`` = nnz / packed size."""
+        positions = self.num_groups * self.taps
+        density = self.nnz / (self.out_channels * self.taps) if self.out_channels * self.taps else 0.0
+        return dict(rows=self.rows, k_multiple=self.k_multiple, groups=self.num_groups,
+                    taps=self.taps, nnz=self.nnz, union_columns=int(self.union_sizes.sum()),
+                    padded_columns=int(self.col_offsets[-1]), packed_size=self.packed_size,
+                    u=float(self.union_sizes.sum() / positions) if positions else 0.0,
+                    u_padded=float(self.col_offsets[-1] / positions) if positions else 0.0,
+                    u_random=1.0 - (1.0 - density) ** self.rows,
+                    fill=self.nnz / self.packed_size if self.packed_size else 0.0)
+
+    # ---- tying a filter to the plan ------------------------------------------------
+    def _check_static(self, f: SparseFilter) -> None:
+        mine = (self.kernel_size, self.in_channels, self.out_channels, self.nnz)
+        theirs = (f.kernel_size, f.in_channels, f.out_channels, f.nnz)
+        if mine != theirs:
+            raise TensorCorePlanError(
+                f"filter (kernel_size, in_channels, out_channels, nnz) = {theirs} does not match the "
+                f"plan's {mine}: build a plan for this filter with tensor_core_plan")
+
+    def check(self, f: SparseFilter) -> "TensorCorePlan":
+        """Raises `TensorCorePlanError` unless ``f`` has the plan's pattern.
+
+        Shape metadata is always checked; the pattern (``indices``, ``indptr``)
+        only when both are concrete (see `pack` for traced filters)."""
+        self._check_static(f)
+        if isinstance(f.indices, jax.core.Tracer) or isinstance(f.indptr, jax.core.Tracer):
+            return self
+        if _filter_fingerprint(f) != self.fingerprint:
+            raise TensorCorePlanError(
+                "filter sparsity pattern (indices/indptr) differs from the one the plan was built for "
+                f"(fingerprint {_filter_fingerprint(f)[:12]} vs {self.fingerprint[:12]}): rebuild the plan")
+        return self
+
+    def pack(self, f: SparseFilter):
+        """``(packed, valid)``: the filter's weights in the packed tiles, and a JAX bool.
+
+        A concrete pattern is checked with `check` (raises on mismatch, ``valid``
+        is True). A traced ``indices`` / ``indptr`` is compared with the plan's
+        arrays elementwise in JAX; on mismatch ``valid`` is False and ``packed``
+        is all NaN. Works under jit, vmap and ``grad`` (w.r.t.
+        ``f.data``, the gradient is ``cotangent[positions]``)."""
+        self.check(f)
+        packed = jnp.zeros(self.packed_size, f.data.dtype).at[self.positions].set(
+            f.data, unique_indices=True, mode="promise_in_bounds")
+        if not (isinstance(f.indices, jax.core.Tracer) or isinstance(f.indptr, jax.core.Tracer)):
+            return packed, jnp.asarray(True)
+        valid = (jnp.all(f.indices == jnp.asarray(self.indices)) &
+                 jnp.all(f.indptr == jnp.asarray(self.indptr)))
+        return jnp.where(valid, packed, jnp.asarray(jnp.nan, packed.dtype)), valid
+
+    def unpack(self, packed) -> jax.Array:
+        """The dense ``kernel_size + (Cin, Cout)`` kernel of packed tiles (traceable):
+        the inverse of `pack`, undoing the permutation; padding rows and columns
+        are dropped. ``unpack(pack(f)[0])`` equals ``f.todense()`` exactly."""
+        if tuple(packed.shape) != (self.packed_size,):
+            raise TensorCorePlanError(f"packed has shape {packed.shape}, expected ({self.packed_size},)")
+        k_pad = self.k_padded
+        group = np.repeat(np.arange(self.num_groups), self.rows * k_pad)
+        local = np.arange(self.packed_size) - self.tile_offsets[:-1][group]
+        row, t = local // np.maximum(k_pad[group], 1), local % np.maximum(k_pad[group], 1)
+        channel = self.channels[group, row].astype(np.int64)
+        column = self.columns[self.col_offsets[:-1][group] + t].astype(np.int64)
+        dump = self.taps * self.out_channels
+        target = np.where((channel >= 0) & (t < self.union_sizes[group]),
+                          column * self.out_channels + channel, dump)
+        dense = jnp.zeros(dump + 1, packed.dtype).at[target].add(packed)
+        return dense[:dump].reshape(self.kernel_size + (self.in_channels, self.out_channels))
+
+
+def tensor_core_plan(f: SparseFilter, rows: int = 16, k_multiple: int = 16) -> TensorCorePlan:
+    """The `TensorCorePlan` of a concrete filter's pattern (host NumPy; values unused).
+
+    ``rows``: output channels per group (16 for the mma A operand, or 8);
+    ``k_multiple``: the mma k each group's columns are padded to (16 for
+    bf16/f16 ``m16n8k16``, 8 for TF32 ``m16n8k8``)."""
+    rows, k_multiple = int(rows), int(k_multiple)
+    if rows < 1 or k_multiple < 1:
+        raise TensorCorePlanError(f"rows and k_multiple must be positive, got {rows}, {k_multiple}")
+    if isinstance(f.indices, jax.core.Tracer) or isinstance(f.indptr, jax.core.Tracer):
+        raise TensorCorePlanError("tensor_core_plan needs a concrete sparsity pattern; build it outside jit")
+    indices = np.asarray(f.indices, np.int32).copy()
+    indptr = np.asarray(f.indptr, np.int32).copy()
+    SparseFilter(np.zeros(indices.shape[0], np.float32), indices, indptr, kernel_size=f.kernel_size,
+                 in_channels=f.in_channels, out_channels=f.out_channels)  # validates the structure
+    cout, taps = f.out_channels, f.taps
+    channels = greedy_row_groups(indptr, indices, taps, rows)
+    groups = channels.shape[0]
+
+    # group and tile row of every output channel, then of every nonzero
+    flat = channels.ravel()
+    group_of, slot_of = np.empty(cout, np.int64), np.empty(cout, np.int64)
+    real = flat >= 0
+    group_of[flat[real]] = np.flatnonzero(real) // rows
+    slot_of[flat[real]] = np.flatnonzero(real) % rows
+    nz_row = row_ids(indptr)
+    key = group_of[nz_row] * taps + indices          # (group, column) as one int
+    in_union = np.zeros(groups * taps, bool)
+    in_union[key] = True
+    union_keys = np.flatnonzero(in_union)            # sorted by group, then column
+    union_sizes = np.bincount(union_keys // taps, minlength=groups).astype(np.int64) if taps else \
+        np.zeros(groups, np.int64)
+    union_start = np.concatenate([[0], np.cumsum(union_sizes)])
+    k_pad = -(-union_sizes // k_multiple) * k_multiple
+    col_offsets = np.concatenate([[0], np.cumsum(k_pad)]).astype(np.int64)
+    if rows * col_offsets[-1] > _INT32_MAX:
+        raise TensorCorePlanError(f"packed tiles ({rows * col_offsets[-1]} values) exceed int32 positions")
+
+    # padded column lists: position t of group g reads union column min(t, |union_g| - 1)
+    col_group = np.repeat(np.arange(groups), k_pad)
+    t = np.arange(col_offsets[-1]) - col_offsets[:-1][col_group]
+    source = union_start[col_group] + np.minimum(t, union_sizes[col_group] - 1)
+    columns = (union_keys[source] % taps).astype(np.int32) if taps else np.zeros(0, np.int32)
+
+    # flat position of every nonzero: tile start + tile row * k_padded + rank in the union
+    g = group_of[nz_row]
+    rank = (np.cumsum(in_union) - 1)[key] - union_start[g]
+    positions = (rows * col_offsets[g] + slot_of[nz_row] * k_pad[g] + rank).astype(np.int32)
+    return TensorCorePlan(rows=rows, k_multiple=k_multiple, kernel_size=f.kernel_size,
+                          in_channels=f.in_channels, out_channels=cout, channels=channels,
+                          columns=columns, col_offsets=col_offsets, union_sizes=union_sizes,
+                          positions=positions, indices=indices, indptr=indptr,
+                          fingerprint=_filter_fingerprint(f))

@@ -1,0 +1,217 @@
+"""The tensor-core plan: clustering, union columns, packed-tile layout, pattern checks."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from jaxsparse import SparseFilter, load_dlmc
+from jaxsparse.tc_plan import (TensorCorePlanError, greedy_row_groups, pattern_fingerprint,
+                               tensor_core_plan)
+
+
+def filter_from_mask(mask, kernel_size, cin, seed=0, dtype=np.float32):
+    """A filter whose (Cout, taps) pattern is ``mask``, with random nonzero values."""
+    rows, cols = np.nonzero(mask)
+    data = np.random.default_rng(seed).uniform(0.5, 2.0, rows.size) * np.where(rows % 2, -1, 1)
+    indptr = np.concatenate([[0], np.cumsum(mask.sum(1))]).astype(np.int32)
+    return SparseFilter(data.astype(dtype), cols.astype(np.int32), indptr, kernel_size=kernel_size,
+                        in_channels=cin, out_channels=mask.shape[0])
+
+
+@st.composite
+def patterns(draw):
+    kernel_size = draw(st.sampled_from([(1, 1), (3, 3), (1, 3), (2,)]))
+    cin = draw(st.integers(0, 9))
+    cout = draw(st.integers(0, 41))
+    sparsity = draw(st.sampled_from([0.0, 0.5, 0.9, 0.97, 1.0]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    taps = int(np.prod(kernel_size)) * cin
+    mask = rng.random((cout, taps)) >= sparsity
+    mask[rng.random(cout) < draw(st.sampled_from([0.0, 0.3]))] = False  # empty rows
+    return filter_from_mask(mask, kernel_size, cin, seed), draw(st.sampled_from([8, 16])), \
+        draw(st.sampled_from([8, 16]))
+
+
+def check_layout(f, plan):
+    """Every documented invariant of the plan, recomputed independently."""
+    indices, indptr = np.asarray(f.indices), np.asarray(f.indptr)
+    groups, rows = -(-f.out_channels // plan.rows), plan.rows
+    assert plan.channels.shape == (groups, rows)
+    flat = plan.channels.ravel()
+    assert np.array_equal(np.sort(flat[: f.out_channels]), np.arange(f.out_channels))
+    assert np.all(flat[f.out_channels:] == -1) and np.array_equal(plan.perm, flat[: f.out_channels])
+    k_pad = plan.k_padded
+    assert np.all(k_pad % plan.k_multiple == 0)
+    assert np.array_equal(k_pad, -(-plan.union_sizes // plan.k_multiple) * plan.k_multiple)
+    for g in range(groups):
+        members = plan.channels[g][plan.channels[g] >= 0]
+        union = np.unique(np.concatenate([indices[indptr[r]:indptr[r + 1]] for r in members]))
+        cols = plan.columns[plan.col_offsets[g]:plan.col_offsets[g + 1]]
+        assert np.array_equal(cols[: union.size], union)
+        assert np.all(cols[union.size:] == (union[-1] if union.size else -1))  # padding repeats the last
+    # positions: nonzero j of row r lands in r's tile row, at its column
+    assert plan.positions.dtype == np.int32 and np.unique(plan.positions).size == f.nnz
+    rows_of = np.repeat(np.arange(f.out_channels), np.diff(indptr))
+    group = np.searchsorted(plan.tile_offsets, plan.positions, side="right") - 1
+    local = plan.positions - plan.tile_offsets[group]
+    slot, t = local // np.maximum(k_pad[group], 1), local % np.maximum(k_pad[group], 1)
+    assert np.array_equal(plan.channels[group, slot], rows_of)
+    assert np.array_equal(plan.columns[plan.col_offsets[group] + t], indices)
+    assert np.all(t < plan.union_sizes[group])
+    stats = plan.stats()
+    assert stats["union_columns"] == plan.union_sizes.sum() and stats["packed_size"] == rows * k_pad.sum()
+    if groups and f.taps:
+        assert stats["u"] == pytest.approx(plan.union_sizes.sum() / (groups * f.taps))
+        assert stats["u_padded"] == pytest.approx(k_pad.sum() / (groups * f.taps))
+
+
+@given(patterns())
+def test_plan_layout_and_exact_reconstruction(case):
+    f, rows, k_multiple = case
+    plan = tensor_core_plan(f, rows, k_multiple)
+    check_layout(f, plan)
+    packed, valid = plan.pack(f)
+    assert bool(valid) and packed.shape == (plan.packed_size,) and packed.dtype == f.dtype
+    filled = np.zeros(plan.packed_size, bool)
+    filled[plan.positions] = True
+    assert np.all(np.asarray(packed)[~filled] == 0)  # zero fill and padding
+    assert np.array_equal(np.asarray(plan.unpack(packed)), np.asarray(f.todense()))
+
+
+def test_low_precision_reconstruction():
+    mask = np.random.default_rng(3).random((20, 27)) > 0.8
+    for dtype in (jnp.bfloat16, np.float16):
+        f = filter_from_mask(mask, (3, 3), 3, dtype=dtype)
+        plan = tensor_core_plan(f, 16, 16)
+        packed, _ = plan.pack(f)
+        assert packed.dtype == dtype
+        assert np.array_equal(np.asarray(plan.unpack(packed)), np.asarray(f.todense()))
+
+
+def test_planted_clusters_are_recovered():
+    """Rows drawn from 4 disjoint column blocks, shuffled: each group is one block."""
+    rng = np.random.default_rng(0)
+    taps, cout, rows = 64, 32, 8
+    block = np.repeat(np.arange(4), cout // 4)
+    rng.shuffle(block)
+    mask = np.zeros((cout, taps), bool)
+    for r in range(cout):
+        mask[r, block[r] * 16 + rng.choice(16, 6, replace=False)] = True
+        mask[r, block[r] * 16] = True  # each block's union is reached
+    f = filter_from_mask(mask, (1, 1), taps)
+    plan = tensor_core_plan(f, rows, 8)
+    for g in range(4):
+        assert len(set(block[plan.channels[g]])) == 1
+    identity = sum(np.unique(np.nonzero(mask[g * rows:(g + 1) * rows])[1]).size for g in range(4))
+    assert plan.union_sizes.sum() <= 4 * 16 < identity
+
+
+def test_greedy_order():
+    # row 2 is longest (seed); row 0 adds 0 new columns, row 1 adds 2: group 0 = (2, 0)
+    indptr = np.array([0, 1, 3, 6, 7])
+    indices = np.array([1, 4, 5, 0, 1, 2, 7])
+    assert greedy_row_groups(indptr, indices, 8, 2).tolist() == [[2, 0], [1, 3]]
+    assert greedy_row_groups(indptr, indices, 8, 3).tolist() == [[2, 0, 3], [1, -1, -1]]
+
+
+def test_gradient_is_gather_of_cotangent():
+    f = filter_from_mask(np.random.default_rng(1).random((19, 18)) > 0.7, (3, 3), 2)
+    plan = tensor_core_plan(f, 8, 8)
+    weights = jnp.asarray(np.random.default_rng(2).standard_normal(plan.packed_size), jnp.float32)
+
+    def loss(data):
+        packed, _ = plan.pack(f.with_data(data))
+        return jnp.sum(jnp.sin(packed) * weights)
+
+    packed, _ = plan.pack(f)
+    expected = (jnp.cos(packed) * weights)[plan.positions]
+    np.testing.assert_allclose(jax.grad(loss)(f.data), expected, rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(jax.grad(loss))(f.data), expected, rtol=1e-6)
+
+
+def test_traced_pack_matches_eager_and_poisons_a_mismatch():
+    rng = np.random.default_rng(4)
+    mask = rng.random((24, 40)) > 0.75
+    f = filter_from_mask(mask, (1, 1), 40)
+    plan = tensor_core_plan(f, 16, 16)
+    other_mask = mask.copy()
+    r = int(np.argmax(mask.sum(1) > 0))
+    c_on, c_off = np.flatnonzero(mask[r])[0], np.flatnonzero(~mask[r])[0]
+    other_mask[r, c_on], other_mask[r, c_off] = False, True  # same nnz, other pattern
+    other = filter_from_mask(other_mask, (1, 1), 40)
+
+    @jax.jit
+    def pack(g):
+        return plan.pack(g)
+
+    packed, valid = pack(f)
+    assert bool(valid) and np.array_equal(np.asarray(packed), np.asarray(plan.pack(f)[0]))
+    packed, valid = pack(other)
+    assert not bool(valid) and np.all(np.isnan(np.asarray(packed)))
+    packed, valid = jax.vmap(lambda data, idx, ptr: plan.pack(SparseFilter(
+        data, idx, ptr, kernel_size=(1, 1), in_channels=40, out_channels=24)))(
+        jnp.stack([f.data, other.data]), jnp.stack([f.indices, other.indices]),
+        jnp.stack([f.indptr, other.indptr]))
+    assert np.asarray(valid).tolist() == [True, False]
+    assert not np.isnan(np.asarray(packed[0])).any() and np.isnan(np.asarray(packed[1])).all()
+
+
+def test_check_rejects_other_patterns():
+    rng = np.random.default_rng(5)
+    mask = rng.random((12, 18)) > 0.6
+    f = filter_from_mask(mask, (3, 3), 2)
+    plan = tensor_core_plan(f)
+    assert plan.check(f) is plan and plan.check(f.with_data(f.data * 2)) is plan
+    assert plan.fingerprint == pattern_fingerprint(f.indices, f.indptr, (3, 3), 2, 12)
+    shuffled = filter_from_mask(mask[rng.permutation(12)], (3, 3), 2)
+    with pytest.raises(TensorCorePlanError, match="pattern"):
+        plan.check(shuffled)
+    with pytest.raises(TensorCorePlanError, match="pattern"):
+        plan.pack(shuffled)
+    with pytest.raises(TensorCorePlanError, match="does not match"):
+        plan.check(filter_from_mask(mask, (1, 1), 18))  # same CSR, other shape
+    with pytest.raises(TensorCorePlanError, match="does not match"):
+        jax.jit(lambda g: plan.pack(g))(filter_from_mask(mask | (rng.random(mask.shape) > 0.5), (3, 3), 2))
+    with pytest.raises(TensorCorePlanError, match="positive"):
+        tensor_core_plan(f, 0)
+
+
+def test_large_pattern_plans_in_seconds():
+    rng = np.random.default_rng(6)
+    mask = rng.random((2048, 4608)) >= 0.9
+    f = filter_from_mask(mask, (3, 3), 512)
+    start = time.perf_counter()
+    plan = tensor_core_plan(f, 16, 16)
+    elapsed = time.perf_counter() - start
+    print(f"\n2048 x 4608 at 0.9, R = 16: planned in {elapsed:.2f} s, {plan.stats()}")
+    assert elapsed < 10  # ~1 s alone on one core; generous for shared CI machines
+    assert plan.stats()["u"] < 1 - 0.9 ** 16  # greedy beats no clustering even on random rows
+
+
+# The issue's measurements after greedy clustering (u range over the eight layers).
+ISSUE_U = {(8, 0.9): (0.42, 0.53), (8, 0.95): (0.24, 0.31), (16, 0.9): (0.58, 0.76), (16, 0.95): (0.37, 0.50)}
+BOTTLENECK_1 = [f"bottleneck_1_block_group{i}_1_1" for i in range(1, 5)] + \
+    [f"bottleneck_1_block_group_projection_block_group{i}" for i in range(1, 5)]
+
+
+def test_dlmc_union_fraction_matches_the_issue(dlmc_root):
+    """At most the issue's u (+0.03) on every layer, and below the random-pattern 1 - s^R.
+    Run with -s for the table."""
+    lines = [f"{'layer':50s} {'shape':>10s}  " + "  ".join(f"R={r} s={s}" for r, s in ISSUE_U)]
+    for layer in BOTTLENECK_1:
+        cells = []
+        for rows, sparsity in ISSUE_U:
+            f = load_dlmc(layer, sparsity, root=dlmc_root)
+            stats = tensor_core_plan(f, rows, 16).stats()
+            cells.append(f"{stats['u']:.3f}/{stats['u_padded']:.3f}")
+            assert stats["u"] <= ISSUE_U[rows, sparsity][1] + 0.03, (layer, rows, sparsity, stats)
+            assert stats["u"] < 1 - sparsity ** rows, (layer, rows, sparsity, stats)
+        shape = f"{f.out_channels}x{f.taps}"
+        lines.append(f"{layer:50s} {shape:>10s}  " + "  ".join(f"{c:>11s}" for c in cells))
+    print("\nu / u_padded (k_multiple = 16) after greedy clustering:\n" + "\n".join(lines))

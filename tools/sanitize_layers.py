@@ -1,0 +1,80 @@
+"""Representative layers of every forward kernel family, small enough for compute-sanitizer.
+
+    compute-sanitizer --tool memcheck --kernel-name kns=SparseConv \
+        python3 tools/sanitize_layers.py direct3x3_f32 malformed
+
+Arguments name the cases to run (all well-formed cases when none); ``malformed``
+adds filters with broken CSR (as a traced filter can be): their rows must come out
+NaN and no access may leave its buffer. The family is the static ``kernel`` option.
+"""
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxsparse
+from jaxsparse import sparse_conv
+
+CASES = {  # name: family, batch, h, w, cin, cout, kernel, stride, padding, dtype
+    "direct3x3_f32": ("direct", 1, 14, 14, 64, 64, (3, 3), 1, "SAME", np.float32),
+    "direct3x3_bf16": ("direct", 2, 9, 11, 24, 40, (3, 3), 1, "SAME", jnp.bfloat16),
+    "direct_s2_f16": ("direct", 1, 15, 15, 16, 8, (3, 3), 2, "SAME", np.float16),
+    "kim_w5_f32": ("direct", 2, 1, 56, 300, 100, (1, 5), 1, "VALID", np.float32),
+    "spmm1x1_f32": ("spmm", 1, 14, 14, 256, 64, (1, 1), 1, "VALID", np.float32),
+    "spmm1x1_bf16": ("spmm", 2, 7, 7, 512, 128, (1, 1), 1, "VALID", jnp.bfloat16),
+    "proj1x1_s2_f32": ("direct", 1, 14, 14, 128, 256, (1, 1), 2, "VALID", np.float32),
+    "naive3x3_f32": ("naive", 1, 8, 8, 16, 16, (3, 3), 1, "SAME", np.float32),
+    "rowbucket3x3_f32": ("rowbucket", 1, 14, 14, 64, 64, (3, 3), 1, "SAME", np.float32),
+    "staged3x3_f32": ("staged", 1, 14, 14, 64, 64, (3, 3), 1, "SAME", np.float32),
+    "staged_s2_bf16": ("staged", 2, 9, 11, 24, 40, (3, 3), 2, "SAME", jnp.bfloat16),
+    "staged1x1_f32": ("staged", 1, 14, 14, 256, 64, (1, 1), 1, "VALID", np.float32),
+    "staged1x1_f16": ("staged", 2, 7, 7, 512, 128, (1, 1), 1, "VALID", np.float16),
+    "staged_kim_w3_f32": ("staged", 2, 1, 56, 300, 100, (1, 3), 1, "VALID", np.float32),
+    "rowbucket3x5_bf16": ("rowbucket", 2, 9, 11, 24, 40, (3, 5), 2, "SAME", jnp.bfloat16),
+}
+MALFORMED_FAMILIES = ("direct", "naive", "rowbucket", "staged")
+
+
+def run_case(name):
+    fam, n, h, w, cin, cout, k, s, pad, dt = CASES[name]
+    f = jaxsparse.random_filter(1, k, cin, cout, 0.9, dtype=dt)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((n, h, w, cin)), np.float32).astype(dt)
+    conv = jax.jit(lambda x, f: sparse_conv(x, f, strides=s, padding=pad, bias=jnp.ones(cout, dt),
+                                            activation="relu", kernel=fam))
+    out = conv(x, f)
+    print(name, out.shape, float(jnp.abs(out.astype(jnp.float32)).mean()), flush=True)
+
+
+def malformed(variant):
+    """A 3x3 24->40 filter with out-of-range columns and swapped pointers, or a last pointer past nnz."""
+    f = jaxsparse.random_filter(2, (3, 3), 24, 40, 0.5)
+    ind, ptr = np.array(f.indices), np.array(f.indptr)
+    if variant == "columns_and_disorder":
+        ind[ptr[1]], ind[ptr[20]] = 10**6, -3
+        ptr[2], ptr[3] = ptr[3], ptr[2]
+    else:
+        ptr[-1] += 5
+    return jaxsparse.SparseFilter(f.data, jnp.asarray(ind), jnp.asarray(ptr), kernel_size=(3, 3),
+                                  in_channels=24, out_channels=40, validate=False)
+
+
+def run_malformed():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 9, 11, 24)), np.float32)
+    for fam in MALFORMED_FAMILIES:
+        for variant in ("columns_and_disorder", "last_pointer_past_nnz"):
+            out = jax.jit(lambda x, f: sparse_conv(x, f, activation="relu", kernel=fam))(x, malformed(variant))
+            nan_rows = np.isnan(np.asarray(out)).reshape(-1, 40).all(0)
+            print("malformed", fam, variant, "NaN rows:", np.flatnonzero(nan_rows).tolist(), flush=True)
+
+
+if __name__ == "__main__":
+    names = sys.argv[1:] or list(CASES)
+    unknown = set(names) - set(CASES) - {"malformed"}
+    if unknown:
+        sys.exit(f"unknown cases {sorted(unknown)}; known: {sorted(CASES)} and 'malformed'")
+    for name in names:
+        if name != "malformed":
+            run_case(name)
+    if "malformed" in names:
+        run_malformed()

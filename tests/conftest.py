@@ -27,6 +27,7 @@ def _prefer_installed_jaxsparse():
 _prefer_installed_jaxsparse()
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
@@ -83,3 +84,36 @@ def dlmc_root(monkeypatch):
     # code under test that looks the data up itself (experiments' make_filter) finds it too
     monkeypatch.setenv(DEFAULT_ROOT_ENV, str(root))
     return root
+
+
+@pytest.fixture
+def sentence_root():
+    """The sentence data (../shared/data/sentences or $JAXSPARSE_SENTENCES_ROOT); skips when absent."""
+    from experiment_scripts import load
+    root = load("sentences").default_root()
+    if not (root / "rt-polarity.all").is_file():
+        pytest.skip(f"sentence data not found at {root} (../shared/data/sentences is absent)")
+    return root
+
+
+@pytest.fixture
+def parse_flags():
+    """Parse an explicit argv into absl's global FLAGS (never pytest's own argv); reset after."""
+    from absl import flags
+
+    def parse(argv):
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["prog"] + list(argv))
+    yield parse
+    flags.FLAGS.unparse_flags()
+
+
+@pytest.fixture(scope="module")
+def f2():
+    """A small 3x3 4->5 filter at 50 % for the argument-error tests."""
+    return jaxsparse.random_filter(0, (3, 3), 4, 5, 0.5)
+
+
+@pytest.fixture(scope="module")
+def x2():
+    return jax.numpy.asarray(np.random.default_rng(0).standard_normal((2, 6, 6, 4)).astype(np.float32))

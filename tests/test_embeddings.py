@@ -126,14 +126,6 @@ def test_missing_package_and_file_give_clear_messages(monkeypatch, tmp_path):
         E.load_package(tmp_path)
 
 
-@pytest.fixture
-def sentence_root():
-    root = sentences.default_root()
-    if not (root / "rt-polarity.all").is_file():
-        pytest.skip(f"sentence data not found at {root} (../shared/data/sentences is absent)")
-    return root
-
-
 def test_mr_validation_split_and_extra_vocabulary(sentence_root):
     base = sentences.load("mr", max_len=20)
     mr = sentences.load("mr", max_len=20, val_fraction=0.1)

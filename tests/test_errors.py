@@ -9,16 +9,6 @@ import jaxsparse
 from jaxsparse import SparseFilter, SparseFilterError, sparse_conv
 
 
-@pytest.fixture(scope="module")
-def f2():
-    return jaxsparse.random_filter(0, (3, 3), 4, 5, 0.5)
-
-
-@pytest.fixture(scope="module")
-def x2():
-    return jnp.asarray(np.random.default_rng(0).standard_normal((2, 6, 6, 4)).astype(np.float32))
-
-
 @pytest.mark.parametrize("shape", [(6, 6, 4), (2, 1, 6, 6, 4), (4,)])
 def test_rank_2d(f2, shape):
     with pytest.raises(ValueError, match=r"x must have rank 4 \(N, H, W, C\) for a 2-D filter"):

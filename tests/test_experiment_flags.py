@@ -79,15 +79,6 @@ def test_defaults_never_write_committed_results(helps):
     assert "(default: '0.8,0.9,0.95,0.98')" in helps["sweep"].partition("  --sparsity:")[2][:200]
 
 
-@pytest.fixture
-def parse_flags():
-    def parse(argv):
-        FLAGS.unparse_flags()
-        FLAGS(["prog"] + list(argv))
-    yield parse
-    FLAGS.unparse_flags()
-
-
 def test_old_flag_names_still_work(parse_flags):
     parse_flags(["--dtype=bfloat16,float16", "--reps=3", "--models=vgg16", "--time_budget_s=5"])
     cfg = sweep.config_from_flags()

@@ -26,16 +26,6 @@ FLAGS = flags.FLAGS
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture
-def parse_flags():
-    """Parse an explicit argv into absl's global FLAGS (never pytest's own argv); reset after."""
-    def parse(argv):
-        FLAGS.unparse_flags()
-        FLAGS(["prog"] + list(argv))
-    yield parse
-    FLAGS.unparse_flags()
-
-
 def _read_csv(path):
     with open(path) as f:
         lines = f.read().splitlines()

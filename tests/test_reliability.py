@@ -24,16 +24,6 @@ def exact_float32_references():
         yield
 
 
-@pytest.fixture(scope="module")
-def f2():
-    return jaxsparse.random_filter(0, (3, 3), 4, 5, 0.5)
-
-
-@pytest.fixture(scope="module")
-def x2():
-    return jnp.asarray(np.random.default_rng(0).standard_normal((2, 6, 6, 4)).astype(np.float32))
-
-
 # ---- 1. geometry arguments are integers, never rounded or parsed ---------------------
 
 BAD_GEOMETRY = [

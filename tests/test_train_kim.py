@@ -9,14 +9,6 @@ from experiment_scripts import load, run
 sentences = load("sentences")
 
 
-@pytest.fixture
-def sentence_root():
-    root = sentences.default_root()
-    if not (root / "rt-polarity.all").is_file():
-        pytest.skip(f"sentence data not found at {root} (../shared/data/sentences is absent)")
-    return root
-
-
 def test_loaders(sentence_root):
     mr = sentences.load("mr", max_len=20)
     assert mr.train.tokens.shape[1] == 20 and len(mr.test.labels) == 1066

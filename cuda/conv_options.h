@@ -8,9 +8,12 @@
 namespace jaxsparse {
 
 // "auto" lets the planner choose; the others force a family where it applies.
-// kStaged is the tiled kernel with the block's filter rows staged in shared memory.
-enum class KernelFamily : int { kAuto = 0, kDirect = 1, kSpmm = 2, kNaive = 3, kRowBucket = 4, kStaged = 5 };
-constexpr int64_t kKernelFamilyCount = 6;
+// kStaged is the tiled kernel with the block's filter rows staged in shared memory;
+// kCluster the tiled kernel with Cin-chunked windows summed across a thread-block cluster.
+enum class KernelFamily : int {
+  kAuto = 0, kDirect = 1, kSpmm = 2, kNaive = 3, kRowBucket = 4, kStaged = 5, kCluster = 6
+};
+constexpr int64_t kKernelFamilyCount = 7;
 
 // lax.Precision's values. HIGHEST forbids TF32 for float32 inputs.
 enum class Precision : int { kDefault = 0, kHigh = 1, kHighest = 2 };

@@ -123,9 +123,9 @@ def r50_table(rows):
             out.append([r["layer"], r["batch"], L.MODE_LABELS[r["mode"]], r["unit"], cell("sparse_us", ".1f"),
                         cell("dense_us", ".1f"), cell("speedup"), cell("bcsr_us", ".1f"),
                         cell("speedup_vs_bcsr"), fmt(r["sparse_kernel_us"], ".1f"),
-                        fmt(r["dense_kernel_us"], ".1f")])
+                        fmt(r["dense_kernel_us"], ".1f"), fmt(r.get("bcsr_kernel_us"), ".1f")])
     return table(["layer", "N", "mode", "per", "sparse µs", "dense µs", "x", "BCSR µs", "x vs BCSR",
-                  "sparse kernel µs", "dense kernel µs"], out)
+                  "sparse kernel µs", "dense kernel µs", "BCSR (cuSPARSE) kernel µs"], out)
 
 
 def kim_table(rows):

@@ -320,7 +320,8 @@ TABLE = [("layer", "layer", ""), ("shape", "shape", ""), ("batch", "N", ""), ("m
          ("dense_us", "dense µs", ".1f"), ("speedup", "speedup", ".2f"), ("basis", "basis", ""),
          ("sparse_kernel_us", "sp kern µs", ".1f"), ("dense_kernel_us", "dn kern µs", ".1f"),
          ("sparse_tflops", "sp TF/s", ".3g"), ("sparse_frac_peak", "sp %peak", ".1%"),
-         ("bcsr_us", "BCSR µs", ".1f"), ("speedup_vs_bcsr", "vs BCSR", ".2f")]
+         ("bcsr_us", "BCSR µs", ".1f"), ("bcsr_kernel_us", "BCSR kern µs", ".1f"),
+         ("speedup_vs_bcsr", "vs BCSR", ".2f")]
 
 
 COLUMNS = """\
@@ -329,7 +330,9 @@ columns: per = what one time covers: op (the layer chained on itself), pair (the
   basis = the times the speedup compares: chain (chain-method slope), kernel (GPU kernel time
   from a profiler trace), call (median time of one call); sp TF/s = the sparse kernel's
   effective rate, 2 * nnz * N * Ho * Wo / time; sp %peak = sp TF/s as a fraction of the measured
-  dense matmul peak at that mode; ~ = rests on a fallback time (a chain time that failed its checks
+  dense matmul peak at that mode; BCSR = jax.experimental.sparse (cuSPARSE SpMM on the GPU) on
+  channel-major activations, float32, its chain time and its kernel time (BCSR kern µs, the
+  cuSPARSE and transpose kernels of one call) from the same run; ~ = rests on a fallback time (a chain time that failed its checks
   on every attempt: T(k_large)/k_large, an upper bound), left out of break-even, gains, geomean."""
 
 

@@ -3,7 +3,7 @@
 Every test is marked ``gpu``: conftest skips them without a GPU and fails them
 under ``JAXSPARSE_REQUIRE_CUDA=1``. Each kernel family the dispatcher can pick
 is exercised through the static option ``kernel`` (auto | direct | spmm |
-naive | rowbucket | staged), here set through its Python-side default
+naive | rowbucket | staged | cluster), here set through its Python-side default
 ``JAXSPARSE_KERNEL`` (read at trace time; every helper traces anew), so that
 one context manager covers every call of a test (rowbucket falls back to the
 default choice for geometries it does not accept).
@@ -21,13 +21,14 @@ from hypothesis import strategies as st
 
 import jaxsparse
 from jaxsparse import sparse_conv
+from jaxsparse.benchmark import kernel_time_us
 from jaxsparse.options import KERNEL_ENV
 from helpers import (DTYPES, check_close, check_fused_relu_keeps_nan, draw_conv_geometry, filter_with_empty_rows,
                      random_input, ref_conv)
 
 pytestmark = pytest.mark.gpu
 
-FAMILIES = ("auto", "direct", "naive", "rowbucket", "staged")
+FAMILIES = ("auto", "direct", "naive", "rowbucket", "staged", "cluster")
 
 
 @contextlib.contextmanager
@@ -173,7 +174,7 @@ def test_1x1(family, dtype, batch, hw, cin, cout, stride):
     ("conv5_1", 2, 14, 512, 512, 0.9),
     ("conv5_1-98", 1, 14, 512, 512, 0.98),
 ])
-@pytest.mark.parametrize("family", ("auto", "staged"))
+@pytest.mark.parametrize("family", ("auto", "staged", "cluster"))
 def test_vgg_layers(family, dtype, name, batch, hw, cin, cout, sparsity):
     rng = np.random.default_rng(hash(name) % 2**31)
     dt = DTYPES[dtype]
@@ -186,7 +187,7 @@ def test_vgg_layers(family, dtype, name, batch, hw, cin, cout, sparsity):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("batch", [1, 50])
 @pytest.mark.parametrize("width", [3, 4, 5])
-@pytest.mark.parametrize("family", ("auto", "staged"))
+@pytest.mark.parametrize("family", ("auto", "staged", "cluster"))
 def test_sentence_cnn(family, dtype, batch, width):
     rng = np.random.default_rng(width + batch)
     dt = DTYPES[dtype]
@@ -211,7 +212,7 @@ DLMC_CASES = [  # layer, input hw, stride
 
 @pytest.mark.parametrize("sparsity", [0.8, 0.9, 0.95, 0.98])
 @pytest.mark.parametrize("layer,hw,stride", DLMC_CASES)
-@pytest.mark.parametrize("family", ("auto", "staged"))
+@pytest.mark.parametrize("family", ("auto", "staged", "cluster"))
 def test_dlmc_patterns(dlmc_root, family, layer, hw, stride, sparsity):
     path = jaxsparse.dlmc.dlmc_path(layer, sparsity, dlmc_root)
     if not path.is_file():
@@ -389,3 +390,24 @@ def test_rowbucket_layers(dtype, name, batch, hw, cin, cout, sparsity, ksize):
         fn = jax.jit(lambda x, f: sparse_conv(x, f))
         first = np.asarray(fn(x, f))
         np.testing.assert_array_equal(np.asarray(fn(x, f)), first)  # deterministic sums
+
+
+# ---- cluster family: it really runs, and its cross-block sums are deterministic ----
+
+@pytest.mark.parametrize("name,batch,hw,cin,cout,ksize", [
+    ("conv5_1", 1, 14, 512, 512, (3, 3)),
+    ("r50g4red", 1, 7, 2048, 512, (1, 1)),
+    ("odd", 2, 9, 37, 21, (3, 3)),
+])
+def test_cluster_family_runs_and_is_deterministic(name, batch, hw, cin, cout, ksize):
+    rng = np.random.default_rng(sum(map(ord, name)))
+    f = jaxsparse.random_filter(4, ksize, cin, cout, 0.9)
+    x = gpu_put(random_input(rng, (batch, hw, hw, cin)))
+    fn = jax.jit(lambda x, f: sparse_conv(x, f, padding="SAME", kernel="cluster"))
+    names = list(kernel_time_us(fn, x, f, calls=2)["kernels"])
+    # The variant is a template argument of the tiled kernel: (jaxsparse::tiled::Variant)2.
+    assert any("Variant)2" in k for k in names), names
+    first = np.asarray(fn(x, f))
+    check_close(first, x, np.asarray(f.todense()), padding="SAME")
+    for _ in range(3):
+        np.testing.assert_array_equal(np.asarray(fn(x, f)), first)

@@ -124,7 +124,7 @@ def test_kernel_is_part_of_the_jaxpr_and_env_default_is_read_at_trace_time(monke
 
 def test_kernel_codes_match_the_native_enum():
     header = (REPO / "cuda" / "conv_options.h").read_text()
-    enum = re.search(r"enum class KernelFamily : int \{(.*?)\}", header).group(1)
+    enum = re.search(r"enum class KernelFamily : int \{(.*?)\}", header, re.S).group(1)
     native = {name.strip(): int(code) for name, code in re.findall(r"k(\w+) = (\d+)", enum)}
     assert {k.lower(): v for k, v in native.items()} == KERNEL_CODES
     assert set(PLATFORM_KERNELS["cuda"]) == set(KERNEL_CODES) and PLATFORM_KERNELS["cpu"] == ("auto",)

@@ -12,6 +12,7 @@
 #   peers auto_check nn sharding_gpu (a machine of 2+ GPUs) train_kim
 # and "bundle" (tar everything under $OUT into all.tgz: at most 8 files come back).
 # Other knobs:
+#   NCU_LAYER, NCU_FAMILIES, NCU_B1_ONLY, NCU_SOURCE (a family: its per-instruction SASS counts)
 #   PYTEST_ARGS   extra pytest arguments for the GPU tests (e.g. "-k vgg")
 #   BENCH_ARGS    arguments for experiments/layer_benchmark.py
 #   BENCH_TIMEOUT seconds for the benchmark (default 300)
@@ -67,9 +68,9 @@ fi
 
 if has sanitize; then
   export XLA_PYTHON_CLIENT_ALLOCATOR=platform
-  # kns matches a substring of the kernel name: the tiled (plain and staged) and naive kernels
+  # kns matches a substring of the kernel name: the tiled (plain, staged and cluster) and naive kernels
   # contain "SparseConv", the opt-in row-bucketed ones "RowBucket" (checked in their own pass).
-  DEFAULT_CASES="direct3x3_f32 direct3x3_bf16 direct_s2_f16 kim_w5_f32 spmm1x1_f32 spmm1x1_bf16 proj1x1_s2_f32 naive3x3_f32 staged3x3_f32 staged_s2_bf16 staged1x1_f32 staged1x1_f16 staged_kim_w3_f32 malformed"
+  DEFAULT_CASES="direct3x3_f32 direct3x3_bf16 direct_s2_f16 kim_w5_f32 spmm1x1_f32 spmm1x1_bf16 proj1x1_s2_f32 naive3x3_f32 staged3x3_f32 staged_s2_bf16 staged1x1_f32 staged1x1_f16 staged_kim_w3_f32 cluster3x3_f32 cluster_s2_bf16 cluster_odd_f16 cluster1x1_f32 cluster1x1_bf16 cluster_kim_w5_f32 malformed"
   PASSES=${SANITIZE_PASSES:-"SparseConv RowBucket"}
   for pass in "SparseConv:$DEFAULT_CASES" "RowBucket:rowbucket3x3_f32 rowbucket3x5_bf16 malformed"; do
     [[ " $PASSES " == *" ${pass%%:*} "* ]] || continue
@@ -139,6 +140,11 @@ if has ncu; then
   SECTIONS="--section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats --section SchedulerStats --section MemoryWorkloadAnalysis --section InstructionStats"
   run_step ncu_b1 ${NCU_TIMEOUT:-60} $NCU --clock-control none -k "regex:RowBucket|SparseConv" $SECTIONS python3 tools/ncu_layer.py \
     --families=${NCU_FAMILIES:-auto,rowbucket} --layer=${NCU_LAYER:-conv3_2}
+  if [ -n "${NCU_SOURCE:-}" ]; then  # per-SASS-instruction counts and stall samples of one launch
+    run_step ncu_source 90 $NCU --clock-control none -k "regex:SparseConv" --launch-skip 1 --launch-count 1 \
+      --section SourceCounters --section WarpStateStats --page source --print-source sass --csv python3 tools/ncu_layer.py \
+      --families=${NCU_SOURCE} --layer=${NCU_LAYER:-conv3_2}
+  fi
   [ -n "${NCU_B1_ONLY:-}" ] || run_step ncu_b32 40 $NCU --clock-control none -k "regex:SparseConv" --launch-skip 1 --launch-count 1 $SECTIONS python3 tools/ncu_layer.py --families=auto --batch=32
   unset XLA_PYTHON_CLIENT_PREALLOCATE
 fi
@@ -162,7 +168,7 @@ for b in 1 32; do  # ImageNet sizes; one process (and JSON) per batch so a budge
 done
 # Issue 13's peer comparison: the eight DLMC ResNet-50 1x1 matrices, jaxsparse per family,
 # XLA HIGHEST dense and cuSPARSE (BCSR) kernel time in one run.
-has peers && run_step peers ${PEERS_TIMEOUT:-240} python3 tools/peer_bench.py --families=${PEER_FAMILIES:-auto,staged} \
+has peers && run_step peers ${PEERS_TIMEOUT:-240} python3 tools/peer_bench.py --families=${PEER_FAMILIES:-auto,cluster} \
   --out=$OUT/peers.jsonl
 # Issue 11's check: VGG-16 with HIGHEST convolutions, policy='auto' at 90 %, batch 1, against dense
 # and all-sparse in the same run (nnx.split + jax.jit of the pure function).

@@ -1,6 +1,6 @@
 """Kernel time on the ResNet-50 1x1 layers of the peer comparison (issue 13), one H200 run.
 
-    python3 tools/peer_bench.py --families=auto,staged --out=$OUT/peers.jsonl
+    python3 tools/peer_bench.py --families=auto,cluster --out=$OUT/peers.jsonl
 
 For the eight DLMC magnitude-pruned 0.9 matrices (reduce and expand of groups 1-4) at
 batch 1 and 32: the summed GPU kernel time of one jitted call (profiler trace) of
@@ -26,7 +26,7 @@ GROUP_HW = {1: 56, 2: 28, 3: 14, 4: 7}
 LAYERS = [f"bottleneck_{i}_block_group{g}_1_1" for g in GROUP_HW for i in (1, 3)]
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--families", default="auto,staged")
+parser.add_argument("--families", default="auto,cluster")
 parser.add_argument("--dtypes", default="float32,bfloat16")
 parser.add_argument("--batches", default="1,32")
 parser.add_argument("--sparsity", type=float, default=0.9)

@@ -32,8 +32,15 @@ CASES = {  # name: family, batch, h, w, cin, cout, kernel, stride, padding, dtyp
     "staged1x1_f16": ("staged", 2, 7, 7, 512, 128, (1, 1), 1, "VALID", np.float16),
     "staged_kim_w3_f32": ("staged", 2, 1, 56, 300, 100, (1, 3), 1, "VALID", np.float32),
     "rowbucket3x5_bf16": ("rowbucket", 2, 9, 11, 24, 40, (3, 5), 2, "SAME", jnp.bfloat16),
+    # Cluster: Cin chunks (odd Cin takes the scalar fill), strides, the sentence CNN.
+    "cluster3x3_f32": ("cluster", 1, 14, 14, 64, 64, (3, 3), 1, "SAME", np.float32),
+    "cluster_s2_bf16": ("cluster", 2, 9, 11, 24, 40, (3, 3), 2, "SAME", jnp.bfloat16),
+    "cluster_odd_f16": ("cluster", 1, 7, 9, 37, 21, (3, 3), 1, "SAME", np.float16),
+    "cluster1x1_f32": ("cluster", 1, 7, 7, 512, 128, (1, 1), 1, "VALID", np.float32),
+    "cluster1x1_bf16": ("cluster", 2, 14, 14, 256, 64, (1, 1), 1, "VALID", jnp.bfloat16),
+    "cluster_kim_w5_f32": ("cluster", 2, 1, 56, 300, 100, (1, 5), 1, "VALID", np.float32),
 }
-MALFORMED_FAMILIES = ("direct", "naive", "rowbucket", "staged")
+MALFORMED_FAMILIES = ("direct", "naive", "rowbucket", "staged", "cluster")
 
 
 def run_case(name):

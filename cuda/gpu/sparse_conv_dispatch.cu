@@ -2,7 +2,8 @@
 //
 // kAuto: 1x1 stride-1 unpadded convolutions (ResNet bottleneck reduce/expand) go
 // to the SpMM configuration, everything else (KxK, strided 1x1 projections) to
-// the direct tiled kernel; the tile shape, pixels per thread and the split of
+// the direct tiled kernel, in its cluster variant where the plain plan's tile is
+// tiny (PreferClusterVariant); the tile shape, pixels per thread and the split of
 // output channels over blocks are chosen by a cost model from shape, nnz and
 // batch (tiled_plan.cu). Shapes whose smallest input window does not fit in
 // shared memory fall back to the naive kernel.
@@ -12,8 +13,9 @@
 // only passes 1x1 stride-1 unpadded geometries), kNaive always applies, and
 // kRowBucket (the experimental row-bucketed kernel) takes the geometries it
 // accepts, kStaged runs the tiled kernel with staged filter rows (SpMM for 1x1
-// stride-1 unpadded, else direct). Where a forced family does not fit, the kAuto
-// choice runs.
+// stride-1 unpadded, else direct), kCluster the tiled kernel with Cin-chunked windows
+// reduced across a thread-block cluster (same split). Where a forced family does not
+// fit, the kAuto choice runs.
 #include "gpu/sparse_conv_kernels.h"
 #include "gpu/sparse_conv_launch.h"
 
@@ -43,15 +45,24 @@ cudaError_t LaunchSparseConv(cudaStream_t stream, const ConvGeometry& g, Element
   if (options.kernel == KernelFamily::kNaive) return LaunchSparseConvNaive(stream, g, type, operands);
   if (const size_t need = RowBucketBytes(g, type, options); need > 0 && workspace_bytes >= need)
     return LaunchSparseConvRowBucket(stream, g, type, operands, workspace, workspace_bytes);
-  // The staged variant where it is asked for and fits, else the plain tiled kernel.
-  for (const bool staged : {options.kernel == KernelFamily::kStaged, false}) {
+  // The staged or cluster variant where it is asked for and fits, else the plain tiled kernel.
+  using tiled::Variant;
+  Variant asked = options.kernel == KernelFamily::kStaged    ? Variant::kStaged
+                  : options.kernel == KernelFamily::kCluster ? Variant::kCluster
+                                                             : Variant::kPlain;
+  if (options.kernel == KernelFamily::kAuto) {
+    bool prefer = false;
+    if (cudaError_t e = PreferClusterVariant(g, type, IsSpmm1x1(g), &prefer); e != cudaSuccess) return e;
+    if (prefer) asked = Variant::kCluster;
+  }
+  for (const Variant variant : {asked, Variant::kPlain}) {
     bool fits = false;
     if (options.kernel != KernelFamily::kDirect && IsSpmm1x1(g)) {
-      if (cudaError_t e = PlanSparseConvSpmm1x1(g, type, staged, &fits); e != cudaSuccess) return e;
-      if (fits) return LaunchSparseConvSpmm1x1(stream, g, type, staged, operands);
+      if (cudaError_t e = PlanSparseConvSpmm1x1(g, type, variant, &fits); e != cudaSuccess) return e;
+      if (fits) return LaunchSparseConvSpmm1x1(stream, g, type, variant, operands);
     }
-    if (cudaError_t e = PlanSparseConvDirect(g, type, staged, &fits); e != cudaSuccess) return e;
-    if (fits) return LaunchSparseConvDirect(stream, g, type, staged, operands);
+    if (cudaError_t e = PlanSparseConvDirect(g, type, variant, &fits); e != cudaSuccess) return e;
+    if (fits) return LaunchSparseConvDirect(stream, g, type, variant, operands);
   }
   return LaunchSparseConvNaive(stream, g, type, operands);
 }

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "gpu/sparse_conv_launch.h"
+#include "gpu/tiled_plan.h"
 
 namespace jaxsparse {
 
@@ -14,15 +15,16 @@ cudaError_t LaunchSparseConvNaive(cudaStream_t stream, const ConvGeometry& g, El
 // Direct sparse convolution (any KxK, strides, padding, dilation): a block
 // stages an output tile's input window for all channels in shared memory and
 // its warps run over the nonzeros of its output channels (sparse_conv_tiled.cu).
-// `staged`: the block also stages its output channels' decoded nonzeros in shared
-// memory first (tiled_plan.h), so its tasks need no global loads.
+// `variant` (tiled_plan.h): plain; staged (the block also stages its output channels'
+// decoded nonzeros in shared memory first); or cluster (Cin-chunked windows whose partial
+// sums a thread-block cluster adds up).
 cudaError_t LaunchSparseConvDirect(cudaStream_t stream, const ConvGeometry& g, ElementType type,
-                                   bool staged, const SparseConvOperands& operands);
+                                   tiled::Variant variant, const SparseConvOperands& operands);
 
 // 1x1 / stride 1 / unpadded convolutions as an SpMM over N*H*W pixels
 // (pixel tiles of any length; same kernel body as the direct one).
 cudaError_t LaunchSparseConvSpmm1x1(cudaStream_t stream, const ConvGeometry& g, ElementType type,
-                                    bool staged, const SparseConvOperands& operands);
+                                    tiled::Variant variant, const SparseConvOperands& operands);
 
 // Opt-in only (the kernel option 'rowbucket'): nonzeros of 16 output channels
 // re-bucketed by (ci, kh) into the workspace by a prep kernel, then each input
@@ -35,9 +37,14 @@ cudaError_t LaunchSparseConvRowBucket(cudaStream_t stream, const ConvGeometry& g
                                       const SparseConvOperands& operands, void* workspace,
                                       size_t workspace_bytes);
 
+// Whether kAuto takes the cluster variant: where the plain plan's tile has fewer than
+// kClusterBelowPixels output pixels (an all-Cin window too large for more).
+constexpr int kClusterBelowPixels = 8;
+cudaError_t PreferClusterVariant(const ConvGeometry& g, ElementType type, bool spmm, bool* prefer);
+
 // Whether the tiled kernels have a plan that fits this device's shared memory.
 bool IsSpmm1x1(const ConvGeometry& g);
-cudaError_t PlanSparseConvDirect(const ConvGeometry& g, ElementType type, bool staged, bool* fits);
-cudaError_t PlanSparseConvSpmm1x1(const ConvGeometry& g, ElementType type, bool staged, bool* fits);
+cudaError_t PlanSparseConvDirect(const ConvGeometry& g, ElementType type, tiled::Variant variant, bool* fits);
+cudaError_t PlanSparseConvSpmm1x1(const ConvGeometry& g, ElementType type, tiled::Variant variant, bool* fits);
 
 }  // namespace jaxsparse

@@ -1,6 +1,7 @@
 // Shared-memory tiled sparse convolution: the direct KxK kernel and the 1x1
 // SpMM kernel (the same body under two configurations). See tiled_plan.h for
 // the design; NOTES.md for measurements.
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -18,12 +19,13 @@ namespace tiled {
 namespace {
 
 // Compile-time configuration of one kernel instantiation (Sputnik style).
-template <typename T, int kPixelsPerThread, bool kAffine, bool kStagedRows>
+template <typename T, int kPixelsPerThread, bool kAffine, Variant kVariant>
 struct TileConfig {
   using Element = T;
   static constexpr int kP = kPixelsPerThread;
   static constexpr bool kAffinePixels = kAffine;
-  static constexpr bool kStaged = kStagedRows;  // filter rows staged in shared memory (tiled_plan.h)
+  static constexpr bool kStaged = kVariant == Variant::kStaged;    // filter rows staged in shared memory
+  static constexpr bool kCluster = kVariant == Variant::kCluster;  // Cin chunks summed across a cluster
   static constexpr int kWarpsPerBlock = kWarps;
   static constexpr int kThreadsPerBlock = kThreads;
   // 16-byte vector of the element type, used to fill the input window.
@@ -33,6 +35,7 @@ struct TileConfig {
   static_assert(kVecElems * sizeof(T) == 16, "vector width must be 16 bytes");
   static_assert(sizeof(int2) == 8 && kMetaBytes == kWarpsPerBlock * 32 * 8, "metadata staging size");
   static_assert(kMetaBytes % 16 == 0, "the staged rows after the per-warp metadata must stay 16-byte aligned");
+  static_assert(!(kStaged && kCluster), "one variant at a time");
 };
 
 // Decodes filter column `c` into its offset in the shared input window (channel-major,
@@ -43,6 +46,21 @@ __device__ __forceinline__ bool DecodeColumn(const TileArgs& a, int c, int* offs
   const int ci = c - k * a.in_c;
   const int kh = static_cast<int>(a.div_kw.Div(static_cast<uint32_t>(k)));
   const int kw = k - kh * a.kernel_w;
+  *offset = ci * a.chan_stride + kh * a.dil_h * a.tile_cols + kw * a.dil_w;
+  return true;
+}
+
+// Cluster variant: as DecodeColumn for a window of channels [ci_lo, ci_lo + cin_n);
+// `*keep` says whether the column's channel lies in that chunk.
+__device__ __forceinline__ bool DecodeColumnInChunk(const TileArgs& a, int c, int ci_lo, int cin_n,
+                                                    int* offset, bool* keep) {
+  *keep = false;
+  if (c < 0 || c >= a.taps) return false;
+  const int k = static_cast<int>(a.div_cin.Div(static_cast<uint32_t>(c)));
+  const int ci = c - k * a.in_c - ci_lo;
+  const int kh = static_cast<int>(a.div_kw.Div(static_cast<uint32_t>(k)));
+  const int kw = k - kh * a.kernel_w;
+  *keep = static_cast<unsigned>(ci) < static_cast<unsigned>(cin_n);
   *offset = ci * a.chan_stride + kh * a.dil_h * a.tile_cols + kw * a.dil_w;
   return true;
 }
@@ -73,8 +91,15 @@ TiledSparseConvKernel(TileArgs a, const typename Config::Element* __restrict__ x
   int4* meta4 = meta_all + warp * 16;  // 32 (offset, value) pairs of this warp
   int2* meta2 = reinterpret_cast<int2*>(meta4);
 
-  // Which tile and which group of output channels.
+  // Which Cin chunk (cluster variant: the block's rank in its cluster), tile and group.
   int b = blockIdx.x;
+  int chunk_i = 0;
+  if constexpr (Config::kCluster) {
+    chunk_i = b % a.cin_chunks;
+    b /= a.cin_chunks;
+  }
+  const int ci_lo = Config::kCluster ? chunk_i * a.cin_chunk : 0;
+  const int cin_n = Config::kCluster ? min(a.cin_chunk, a.in_c - ci_lo) : a.in_c;  // window channels
   const int grp = b % a.groups; b /= a.groups;
   const int tw_i = b % a.tiles_w; b /= a.tiles_w;
   const int th_i = b % a.tiles_h;
@@ -100,7 +125,7 @@ TiledSparseConvKernel(TileArgs a, const typename Config::Element* __restrict__ x
   const T* xn = x + static_cast<int64_t>(n) * a.in_h * a.in_w * a.in_c;
   if (a.vec_fill) {
     constexpr int kFillBatch = 32 / V;
-    const int cinv = a.in_c / V;
+    const int cinv = cin_n / V;
     const int cvb = (cinv + 3) >> 2;
     const int units = ((win + 7) >> 3) * cvb;
     const int p_lo = lane & 7, c_lo = lane >> 3;
@@ -120,7 +145,7 @@ TiledSparseConvKernel(TileArgs a, const typename Config::Element* __restrict__ x
           const int t = pos / a.tile_cols, c = pos - t * a.tile_cols;
           const int ih = ih0 + t, iw = iw0 + c;
           inb = ih >= 0 && ih < a.in_h && iw >= 0 && iw < a.in_w;
-          off = (static_cast<int64_t>(ih) * a.in_w + iw) * a.in_c + cv * V;
+          off = (static_cast<int64_t>(ih) * a.in_w + iw) * a.in_c + ci_lo + cv * V;
         }
         if (inb) {
           LoadVec16<T>(xn + off, f[k]);
@@ -140,7 +165,7 @@ TiledSparseConvKernel(TileArgs a, const typename Config::Element* __restrict__ x
     // Scalar path (Cin not a multiple of the vector width): 32 consecutive
     // channels of one position per warp, 8 positions in flight per thread.
     constexpr int kFillBatch = 8;
-    const int cb32 = (a.in_c + 31) >> 5;
+    const int cb32 = (cin_n + 31) >> 5;
     const int units = win * cb32;
     for (int u0 = warp; u0 < units; u0 += kFillBatch * Config::kWarpsPerBlock) {
       float f[kFillBatch];
@@ -149,14 +174,14 @@ TiledSparseConvKernel(TileArgs a, const typename Config::Element* __restrict__ x
       for (int k = 0; k < kFillBatch; ++k) {
         const int u = u0 + k * Config::kWarpsPerBlock;
         const int pos = u / cb32, ci = (u - pos * cb32) * 32 + lane;
-        const bool ok = u < units && ci < a.in_c;
+        const bool ok = u < units && ci < cin_n;
         dst[k] = ok ? ci * a.chan_stride + pos : -1;
         f[k] = 0.0f;
         if (ok) {
           const int t = pos / a.tile_cols, c = pos - t * a.tile_cols;
           const int ih = ih0 + t, iw = iw0 + c;
           if (ih >= 0 && ih < a.in_h && iw >= 0 && iw < a.in_w)
-            f[k] = LoadAsFloat(xn + (static_cast<int64_t>(ih) * a.in_w + iw) * a.in_c + ci);
+            f[k] = LoadAsFloat(xn + (static_cast<int64_t>(ih) * a.in_w + iw) * a.in_c + ci_lo + ci);
         }
       }
 #pragma unroll
@@ -168,11 +193,11 @@ TiledSparseConvKernel(TileArgs a, const typename Config::Element* __restrict__ x
   // lanes whose results are discarded) are zeroed so every read is defined.
   {
     const int gap = a.chan_stride - win;
-    for (int i = tid; i < a.in_c * gap; i += Config::kThreadsPerBlock) {
+    for (int i = tid; i < cin_n * gap; i += Config::kThreadsPerBlock) {
       const int ci = i / gap;
       tile[ci * a.chan_stride + win + (i - ci * gap)] = 0.0f;
     }
-    for (int i = a.in_c * a.chan_stride + tid; i < a.tile_floats; i += Config::kThreadsPerBlock)
+    for (int i = cin_n * a.chan_stride + tid; i < a.tile_floats; i += Config::kThreadsPerBlock)
       tile[i] = 0.0f;
   }
   __syncthreads();
@@ -295,19 +320,35 @@ TiledSparseConvKernel(TileArgs a, const typename Config::Element* __restrict__ x
       begin = max(begin, 0);
       end = min(end, a.nnz);
       for (int jb = begin; jb < end; jb += 32) {
-        const int cnt = min(32, end - jb);
+        int cnt = min(32, end - jb);
         // Lanes decode 32 nonzeros into pre-scaled tile offsets; a bad column is applied
         // as weight 0 at offset 0 (in bounds) and poisons the row below.
         int2 m = make_int2(0, 0);
-        if (lane < cnt) {
-          int offset = 0;
-          if (DecodeColumn(a, __ldg(indices + jb + lane), &offset)) {
-            m = make_int2(offset, __float_as_int(LoadAsFloat(values + jb + lane)));
-          } else {
-            lane_bad = true;
+        if constexpr (Config::kCluster) {
+          // Keep the nonzeros of this block's Cin chunk, packed in order (ballot + popc).
+          bool keep = false;
+          if (lane < cnt) {
+            int offset = 0;
+            if (DecodeColumnInChunk(a, __ldg(indices + jb + lane), ci_lo, cin_n, &offset, &keep)) {
+              if (keep) m = make_int2(offset, __float_as_int(LoadAsFloat(values + jb + lane)));
+            } else {
+              lane_bad = true;
+            }
           }
+          const unsigned kept = __ballot_sync(0xffffffffu, keep);
+          if (keep) meta2[__popc(kept & ((1u << lane) - 1u))] = m;
+          cnt = __popc(kept);
+        } else {
+          if (lane < cnt) {
+            int offset = 0;
+            if (DecodeColumn(a, __ldg(indices + jb + lane), &offset)) {
+              m = make_int2(offset, __float_as_int(LoadAsFloat(values + jb + lane)));
+            } else {
+              lane_bad = true;
+            }
+          }
+          meta2[lane] = m;
         }
-        meta2[lane] = m;
         __syncwarp();
         int i = 0;
 #pragma unroll 2
@@ -324,19 +365,46 @@ TiledSparseConvKernel(TileArgs a, const typename Config::Element* __restrict__ x
     for (int j = 0; j < P; ++j)
       if (slot[j] >= 0) stage[slot[j] * a.out_pitch + rl] = acc[j];
   }
-  __syncthreads();
-
-  // ---- 3. staged results -> NHWC output, coalesced along channels.
   const T* bias_t = a.has_bias ? bias : nullptr;
-  for (int q = warp; q < th_n * tw_n; q += Config::kWarpsPerBlock) {
-    const int th = q / tw_n, ow = q - th * tw_n;
-    T* dst = out + ((static_cast<int64_t>(n) * a.out_h + oh0 + th) * a.out_w + ow0 + ow) * a.out_c + r_lo;
-    const float* src = stage + (th * a.tile_w + ow) * a.out_pitch;
-    for (int r = lane; r < nrows; r += 32) {
-      float v = src[r];
-      if (bias_t) v += LoadAsFloat(bias_t + r_lo + r);
-      if (a.relu) v = ReluKeepNan(v);
-      StoreFromFloat(dst + r, v);
+  if constexpr (Config::kCluster) {
+    // ---- 3'. cluster variant: every block of the cluster holds one Cin chunk's partial
+    // results; block `rank` sums pixels rank, rank + chunks, ... over all chunks, in
+    // chunk order (deterministic), through distributed shared memory.
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();  // every partial is staged (and a block barrier)
+    const int nc = a.cin_chunks;
+    const float* parts[kMaxClusterChunks];
+#pragma unroll
+    for (int j = 0; j < kMaxClusterChunks; ++j) parts[j] = j < nc ? cluster.map_shared_rank(stage, j) : stage;
+    for (int q = chunk_i + nc * warp; q < th_n * tw_n; q += nc * Config::kWarpsPerBlock) {
+      const int th = q / tw_n, ow = q - th * tw_n;
+      T* dst = out + ((static_cast<int64_t>(n) * a.out_h + oh0 + th) * a.out_w + ow0 + ow) * a.out_c + r_lo;
+      const int src = (th * a.tile_w + ow) * a.out_pitch;
+      for (int r = lane; r < nrows; r += 32) {
+        float v = parts[0][src + r];
+#pragma unroll
+        for (int j = 1; j < kMaxClusterChunks; ++j)
+          if (j < nc) v += parts[j][src + r];
+        if (bias_t) v += LoadAsFloat(bias_t + r_lo + r);
+        if (a.relu) v = ReluKeepNan(v);
+        StoreFromFloat(dst + r, v);
+      }
+    }
+    cluster.sync();  // no block leaves while the others still read its shared memory
+  } else {
+    __syncthreads();
+    // ---- 3. staged results -> NHWC output, coalesced along channels.
+    for (int q = warp; q < th_n * tw_n; q += Config::kWarpsPerBlock) {
+      const int th = q / tw_n, ow = q - th * tw_n;
+      T* dst = out + ((static_cast<int64_t>(n) * a.out_h + oh0 + th) * a.out_w + ow0 + ow) * a.out_c + r_lo;
+      const float* src = stage + (th * a.tile_w + ow) * a.out_pitch;
+      for (int r = lane; r < nrows; r += 32) {
+        float v = src[r];
+        if (bias_t) v += LoadAsFloat(bias_t + r_lo + r);
+        if (a.relu) v = ReluKeepNan(v);
+        StoreFromFloat(dst + r, v);
+      }
     }
   }
 }
@@ -365,6 +433,9 @@ cudaError_t GetLimits(DeviceLimits* limits) {
     // Leave room for the kernel's static shared memory and the per-block reserve.
     info[dev].limits.max_smem_block = smem_block - 256;
     info[dev].limits.max_smem_sm = smem_sm;
+    int major = 0;
+    if ((e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev)) != cudaSuccess) return e;
+    info[dev].limits.clusters = major >= 9;
     info[dev].ready = true;
   }
   *limits = info[dev].limits;
@@ -388,7 +459,7 @@ struct PlanKeyHash {
 };
 
 // Plans are cached: the cost model runs once per (geometry, dtype, device).
-cudaError_t CachedPlan(const ConvGeometry& g, int elem_bytes, bool staged, Plan* plan) {
+cudaError_t CachedPlan(const ConvGeometry& g, int elem_bytes, Variant variant, Plan* plan) {
   DeviceLimits limits;
   if (cudaError_t e = GetLimits(&limits); e != cudaSuccess) return e;
   int dev = 0;
@@ -396,7 +467,7 @@ cudaError_t CachedPlan(const ConvGeometry& g, int elem_bytes, bool staged, Plan*
   const PlanKey key{{g.batch, g.in_h, g.in_w, g.in_c, g.out_h, g.out_w, g.out_c, g.kernel_h,
                      g.kernel_w, g.stride_h, g.stride_w, g.pad_h_lo, g.pad_w_lo, g.dilation_h,
                      g.dilation_w, g.nnz, (g.relu ? 1 : 0) + 2 * (g.has_bias ? 1 : 0), elem_bytes,
-                     dev, staged ? 1 : 0}};
+                     dev, static_cast<int>(variant)}};
   static std::mutex mu;
   static std::unordered_map<PlanKey, Plan, PlanKeyHash> cache;
   {
@@ -404,7 +475,7 @@ cudaError_t CachedPlan(const ConvGeometry& g, int elem_bytes, bool staged, Plan*
     auto it = cache.find(key);
     if (it != cache.end()) { *plan = it->second; return cudaSuccess; }
   }
-  *plan = ChooseTilePlan(g, elem_bytes, limits, staged);
+  *plan = ChooseTilePlan(g, elem_bytes, limits, variant);
   std::lock_guard<std::mutex> lock(mu);
   if (cache.size() > 4096) cache.clear();
   cache.emplace(key, *plan);
@@ -439,25 +510,44 @@ cudaError_t LaunchConfig(cudaStream_t stream, const Plan& plan, const SparseConv
   }
   TileArgs args = plan.args;
   if (reinterpret_cast<uintptr_t>(op.x) % 16 != 0) args.vec_fill = 0;
-  kernel<<<static_cast<unsigned>(plan.blocks), Config::kThreadsPerBlock, plan.smem_bytes, stream>>>(
-      args, static_cast<const T*>(op.x), static_cast<const T*>(op.values), op.indices,
-      op.indptr, static_cast<const T*>(op.bias), static_cast<T*>(op.out));
-  return cudaGetLastError();
+  if constexpr (Config::kCluster) {
+    // The Cin chunks of one (tile, group) are consecutive blocks forming one cluster.
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(static_cast<unsigned>(plan.blocks));
+    config.blockDim = dim3(Config::kThreadsPerBlock);
+    config.dynamicSmemBytes = static_cast<size_t>(plan.smem_bytes);
+    config.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(args.cin_chunks);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    config.attrs = attr;
+    config.numAttrs = 1;
+    return cudaLaunchKernelEx(&config, kernel, args, static_cast<const T*>(op.x),
+                              static_cast<const T*>(op.values), op.indices, op.indptr,
+                              static_cast<const T*>(op.bias), static_cast<T*>(op.out));
+  } else {
+    kernel<<<static_cast<unsigned>(plan.blocks), Config::kThreadsPerBlock, plan.smem_bytes, stream>>>(
+        args, static_cast<const T*>(op.x), static_cast<const T*>(op.values), op.indices,
+        op.indptr, static_cast<const T*>(op.bias), static_cast<T*>(op.out));
+    return cudaGetLastError();
+  }
 }
 
-template <typename T, bool kStaged>
+template <typename T, Variant kVariant>
 cudaError_t LaunchTyped(cudaStream_t stream, const Plan& plan, const SparseConvOperands& op) {
   if (plan.affine) {
     switch (plan.pixels_per_thread) {
-      case 1: return LaunchConfig<TileConfig<T, 1, true, kStaged>>(stream, plan, op);
-      case 2: return LaunchConfig<TileConfig<T, 2, true, kStaged>>(stream, plan, op);
-      case 4: return LaunchConfig<TileConfig<T, 4, true, kStaged>>(stream, plan, op);
-      case 8: return LaunchConfig<TileConfig<T, 8, true, kStaged>>(stream, plan, op);
+      case 1: return LaunchConfig<TileConfig<T, 1, true, kVariant>>(stream, plan, op);
+      case 2: return LaunchConfig<TileConfig<T, 2, true, kVariant>>(stream, plan, op);
+      case 4: return LaunchConfig<TileConfig<T, 4, true, kVariant>>(stream, plan, op);
+      case 8: return LaunchConfig<TileConfig<T, 8, true, kVariant>>(stream, plan, op);
     }
   } else {
     switch (plan.pixels_per_thread) {
-      case 1: return LaunchConfig<TileConfig<T, 1, false, kStaged>>(stream, plan, op);
-      case 2: return LaunchConfig<TileConfig<T, 2, false, kStaged>>(stream, plan, op);
+      case 1: return LaunchConfig<TileConfig<T, 1, false, kVariant>>(stream, plan, op);
+      case 2: return LaunchConfig<TileConfig<T, 2, false, kVariant>>(stream, plan, op);
       default: break;  // the planner picks P <= 2 for mode B
     }
   }
@@ -466,7 +556,12 @@ cudaError_t LaunchTyped(cudaStream_t stream, const Plan& plan, const SparseConvO
 
 template <typename T>
 cudaError_t LaunchTyped(cudaStream_t stream, const Plan& plan, const SparseConvOperands& op) {
-  return plan.staged ? LaunchTyped<T, true>(stream, plan, op) : LaunchTyped<T, false>(stream, plan, op);
+  switch (plan.variant) {
+    case Variant::kPlain: return LaunchTyped<T, Variant::kPlain>(stream, plan, op);
+    case Variant::kStaged: return LaunchTyped<T, Variant::kStaged>(stream, plan, op);
+    case Variant::kCluster: return LaunchTyped<T, Variant::kCluster>(stream, plan, op);
+  }
+  return cudaErrorInvalidConfiguration;
 }
 
 int ElemBytes(ElementType type) { return type == ElementType::kF32 ? 4 : 2; }
@@ -483,8 +578,8 @@ ConvGeometry AsSpmm(const ConvGeometry& g) {
   return s;
 }
 
-cudaError_t PlanFor(const ConvGeometry& g, ElementType type, bool staged, Plan* plan) {
-  return CachedPlan(g, ElemBytes(type), staged, plan);
+cudaError_t PlanFor(const ConvGeometry& g, ElementType type, Variant variant, Plan* plan) {
+  return CachedPlan(g, ElemBytes(type), variant, plan);
 }
 
 cudaError_t Dispatch(cudaStream_t stream, const Plan& plan, ElementType type,
@@ -505,35 +600,47 @@ bool IsSpmm1x1(const ConvGeometry& g) {
          g.pad_h_lo == 0 && g.pad_h_hi == 0 && g.pad_w_lo == 0 && g.pad_w_hi == 0;
 }
 
-cudaError_t PlanSparseConvDirect(const ConvGeometry& g, ElementType type, bool staged, bool* fits) {
+cudaError_t PlanSparseConvDirect(const ConvGeometry& g, ElementType type, tiled::Variant variant, bool* fits) {
   tiled::Plan plan;
-  cudaError_t e = tiled::PlanFor(g, type, staged, &plan);
+  cudaError_t e = tiled::PlanFor(g, type, variant, &plan);
   *fits = e == cudaSuccess && plan.ok;
   return e;
 }
 
-cudaError_t PlanSparseConvSpmm1x1(const ConvGeometry& g, ElementType type, bool staged, bool* fits) {
+cudaError_t PlanSparseConvSpmm1x1(const ConvGeometry& g, ElementType type, tiled::Variant variant, bool* fits) {
   *fits = false;
   if (!IsSpmm1x1(g)) return cudaSuccess;
   tiled::Plan plan;
-  cudaError_t e = tiled::PlanFor(tiled::AsSpmm(g), type, staged, &plan);
+  cudaError_t e = tiled::PlanFor(tiled::AsSpmm(g), type, variant, &plan);
   *fits = e == cudaSuccess && plan.ok;
   return e;
 }
 
+cudaError_t PreferClusterVariant(const ConvGeometry& g, ElementType type, bool spmm, bool* prefer) {
+  *prefer = false;
+  const ConvGeometry planned = spmm ? tiled::AsSpmm(g) : g;
+  tiled::Plan plain, cluster;
+  if (cudaError_t e = tiled::PlanFor(planned, type, tiled::Variant::kPlain, &plain); e != cudaSuccess) return e;
+  if (cudaError_t e = tiled::PlanFor(planned, type, tiled::Variant::kCluster, &cluster); e != cudaSuccess) return e;
+  // Measured (NOTES.md, design 5): Cin chunks pay only where the all-Cin window leaves a
+  // block fewer than a quarter of a warp's pixel lanes (the 7x7 maps of 2048 channels).
+  *prefer = plain.ok && cluster.ok && plain.args.tile_h * plain.args.tile_w < kClusterBelowPixels;
+  return cudaSuccess;
+}
+
 cudaError_t LaunchSparseConvDirect(cudaStream_t stream, const ConvGeometry& g, ElementType type,
-                                   bool staged, const SparseConvOperands& op) {
+                                   tiled::Variant variant, const SparseConvOperands& op) {
   tiled::Plan plan;
-  if (cudaError_t e = tiled::PlanFor(g, type, staged, &plan); e != cudaSuccess) return e;
+  if (cudaError_t e = tiled::PlanFor(g, type, variant, &plan); e != cudaSuccess) return e;
   if (!plan.ok) return cudaErrorInvalidConfiguration;
   return tiled::Dispatch(stream, plan, type, op);
 }
 
 cudaError_t LaunchSparseConvSpmm1x1(cudaStream_t stream, const ConvGeometry& g, ElementType type,
-                                    bool staged, const SparseConvOperands& op) {
+                                    tiled::Variant variant, const SparseConvOperands& op) {
   if (!IsSpmm1x1(g)) return cudaErrorInvalidValue;
   tiled::Plan plan;
-  if (cudaError_t e = tiled::PlanFor(tiled::AsSpmm(g), type, staged, &plan); e != cudaSuccess) return e;
+  if (cudaError_t e = tiled::PlanFor(tiled::AsSpmm(g), type, variant, &plan); e != cudaSuccess) return e;
   if (!plan.ok) return cudaErrorInvalidConfiguration;
   return tiled::Dispatch(stream, plan, type, op);
 }

@@ -20,8 +20,11 @@ bool FitsInt32(int64_t v) { return v >= 0 && v <= INT32_MAX; }
 
 }  // namespace
 
-Plan ChooseTilePlan(const ConvGeometry& g, int elem_bytes, const DeviceLimits& limits, bool staged) {
+Plan ChooseTilePlan(const ConvGeometry& g, int elem_bytes, const DeviceLimits& limits, Variant variant) {
   Plan best;
+  const bool staged = variant == Variant::kStaged;
+  const bool cluster = variant == Variant::kCluster;
+  if (cluster && !limits.clusters) return best;
   const int64_t vals[] = {g.batch, g.in_h, g.in_w, g.in_c, g.out_h, g.out_w, g.out_c,
                           g.kernel_h, g.kernel_w, g.stride_h, g.stride_w, g.pad_h_lo,
                           g.pad_w_lo, g.dilation_h, g.dilation_w, g.nnz, g.taps()};
@@ -46,8 +49,20 @@ Plan ChooseTilePlan(const ConvGeometry& g, int elem_bytes, const DeviceLimits& l
     if (v <= cout) gs.push_back(v);
   std::sort(tws.begin(), tws.end());
   tws.erase(std::unique(tws.begin(), tws.end()), tws.end());
+  const int vec = 16 / elem_bytes;
+  // Input-channel chunks: all of Cin, or (cluster) 2..8 chunks of whole 16-byte vectors.
+  std::vector<std::pair<int64_t, int64_t>> splits;  // (chunks, channels per chunk)
+  if (!cluster) {
+    splits.push_back({1, cin});
+  } else {
+    for (int64_t c = 2; c <= kMaxClusterChunks; c *= 2) {
+      const int64_t cc = cin % vec == 0 ? RoundUp(CeilDiv(cin, c), vec) : CeilDiv(cin, c);
+      if ((c - 1) * cc < cin) splits.push_back({c, cc});  // no empty chunk
+    }
+  }
 
   const double sms = limits.sm_count;
+  for (const auto& [nchunks, cc] : splits)
   for (int64_t tw : tws) {
     if (tw < 1) continue;
     for (int64_t th : ths) {
@@ -68,21 +83,20 @@ Plan ChooseTilePlan(const ConvGeometry& g, int elem_bytes, const DeviceLimits& l
       // the fill are conflict-free: the vector fill's warp spans 8 positions x
       // 4 channel vectors of V channels, so V * chan must be 8 (mod 32); the
       // scalar fill's warp spans 32 channels, so chan must be odd.
-      const int vec = 16 / elem_bytes;
       int64_t chan = tr * twp;
       if (cin % vec == 0) {
         while ((vec * chan) % 32 != 8) ++chan;
       } else if (chan % 2 == 0) {
         ++chan;
       }
-      int64_t max_read = (cin - 1) * chan + (g.kernel_h - 1) * g.dilation_h * twp +
+      int64_t max_read = (cc - 1) * chan + (g.kernel_h - 1) * g.dilation_h * twp +
                          (g.kernel_w - 1) * g.dilation_w;
       if (affine) max_read += chunks * 32 * p_best - 1;
       else max_read += (th - 1) * g.stride_h * twp + (tw - 1) * g.stride_w;
-      const int64_t tile_floats = RoundUp(std::max(cin * chan, max_read + 1), 4);
+      const int64_t tile_floats = RoundUp(std::max(cc * chan, max_read + 1), 4);
       if (tile_floats * 4 > limits.max_smem_block) continue;
       const int64_t tiles = g.batch * CeilDiv(ho, th) * CeilDiv(wo, tw);
-      const double fill = static_cast<double>(cin * tr * twp) * (2.0 / 32.0 + elem_bytes / 64.0);
+      const double fill = static_cast<double>(cc * tr * twp) * (2.0 / 32.0 + elem_bytes / 64.0);
       for (int64_t groups : gs) {
         const int64_t rpg = CeilDiv(cout, groups);
         if ((groups - 1) * rpg >= cout) continue;  // an empty group
@@ -95,24 +109,29 @@ Plan ChooseTilePlan(const ConvGeometry& g, int elem_bytes, const DeviceLimits& l
             RoundUp(g.nnz, 2), RoundUp(static_cast<int64_t>(std::ceil(nnz_g * kStagedSlack)) + 64, 2)) : 0;
         const int64_t smem = 4 * (tile_floats + out_floats + ptr_ints) + 8 * meta_cap + kMetaBytes;
         if (smem > limits.max_smem_block) continue;
-        const int64_t bps = std::min<int64_t>(4, limits.max_smem_sm / (smem + 1024));
+        // (Cluster: 64 registers x 512 threads allow two blocks per SM.)
+        const int64_t bps = std::min<int64_t>(cluster ? 2 : 4, limits.max_smem_sm / (smem + 1024));
         if (bps < 1) continue;
-        const int64_t blocks = tiles * groups;
+        const int64_t blocks = tiles * groups * nchunks;
         if (blocks > INT32_MAX) continue;
         const int64_t tasks = rpg * chunks;
         // Streaming: each task decodes its row per 32 nonzeros behind dependent global loads.
         // Staged: the block decodes its group once; a task only reads shared memory.
-        double compute = nnz_g * chunks * (p_best + 0.5) +
+        // Cluster: a task applies its chunk's share of the row but scans the whole row.
+        double compute = nnz_g / nchunks * chunks * (p_best + 0.5) +
                          (staged ? nnz_g * 0.5 + static_cast<double>(tasks) * 4.0
-                                 : nnz_g / 32.0 * chunks * 10.0 + static_cast<double>(tasks) * 20.0);
+                                 : nnz_g / 32.0 * chunks * (cluster ? 14.0 : 10.0) +
+                                       static_cast<double>(tasks) * 20.0);
         if (tasks < 2 * kWarps) compute *= (2.0 * kWarps) / static_cast<double>(tasks);
-        const double out = static_cast<double>(th * tw * rpg) * (2.0 / 32.0 + elem_bytes / 64.0);
+        // Cluster: every block also reads its share of the other chunks' partial results.
+        const double out = static_cast<double>(th * tw * rpg) * (2.0 / 32.0 + elem_bytes / 64.0) +
+                           (cluster ? static_cast<double>(th * tw * rpg) * 4.0 / 32.0 + 500.0 : 0.0);
         const double fixed = 2000.0;
         const double cost = std::ceil(blocks / sms) * (compute + fill + out) +
                             std::ceil(blocks / (sms * bps)) * fixed;
         if (!best.ok || cost < best.cost * 0.999) {
           best.ok = true;
-          best.staged = staged;
+          best.variant = variant;
           best.cost = cost;
           best.affine = affine;
           best.pixels_per_thread = p_best;
@@ -143,6 +162,8 @@ Plan ChooseTilePlan(const ConvGeometry& g, int elem_bytes, const DeviceLimits& l
           a.vec_fill = (cin % (16 / elem_bytes)) == 0 ? 1 : 0;
           a.meta_cap = static_cast<int>(meta_cap);
           a.ptr_ints = static_cast<int>(ptr_ints);
+          a.cin_chunk = static_cast<int>(cc);
+          a.cin_chunks = static_cast<int>(nchunks);
           a.div_cin = FastDiv::Make(static_cast<uint32_t>(cin));
           a.div_kw = FastDiv::Make(static_cast<uint32_t>(g.kernel_w));
         }

@@ -69,12 +69,23 @@ struct TileArgs {
   // Staged variant only: capacity of the block's decoded (offset, value) pairs and the
   // ints reserved for its row pointers (a multiple of 4, so the pairs stay 16-byte aligned).
   int meta_cap, ptr_ints;
+  // Cluster variant only: the window holds `cin_chunk` input channels (a multiple of the
+  // vector width when vec_fill), the `cin_chunks` blocks of one tile and group form a
+  // thread-block cluster and sum their partial results through distributed shared memory.
+  int cin_chunk, cin_chunks;
   FastDiv div_cin, div_kw;
+};
+
+// Which tiled kernel a plan is for.
+enum class Variant : int {
+  kPlain = 0,    // the window holds all Cin; tasks stream their rows' nonzeros
+  kStaged = 1,   // + the block's decoded filter rows staged in shared memory (below)
+  kCluster = 2,  // Cin-chunked windows, partial sums reduced across a cluster (below)
 };
 
 struct Plan {
   bool ok = false;
-  bool staged = false;   // the block stages its filter rows in shared memory (see below)
+  Variant variant = Variant::kPlain;
   bool affine = false;   // stride-1 pixel addressing (virtual pixels incl. junk columns)
   int pixels_per_thread = 1;  // P
   int smem_bytes = 0;
@@ -85,6 +96,7 @@ struct Plan {
 
 struct DeviceLimits {
   int sm_count = 132;
+  bool clusters = true;  // thread-block clusters (compute capability >= 9.0)
   int max_smem_block = 227 * 1024;  // opt-in limit per block
   int max_smem_sm = 228 * 1024;
 };
@@ -97,10 +109,21 @@ struct DeviceLimits {
 // length with this much slack:
 constexpr double kStagedSlack = 1.5;
 
+// Cluster variant: the window of a block holds one chunk of the input channels, so tiles
+// can be larger and more (and smaller) blocks exist when a map is small: the batch-1
+// limit of the plain kernel, whose all-Cin window leaves a few pixels per block and one
+// partial wave of blocks (NOTES.md). A task decodes its whole row and keeps the nonzeros
+// of its chunk (warp ballot); after the tasks, the chunks' blocks of one (tile, group)
+// sum their staged partial results through distributed shared memory in a fixed order
+// (deterministic) and write the NHWC output with bias and ReLU fused. No workspace.
+constexpr int kMaxClusterChunks = 8;  // the portable cluster size
+
 // Best plan for geometry `g` (already reshaped by the caller for 1x1 SpMM);
 // `elem_bytes` is the element size of x. Returns ok = false when even the
-// smallest tile does not fit in shared memory.
-Plan ChooseTilePlan(const ConvGeometry& g, int elem_bytes, const DeviceLimits& limits, bool staged = false);
+// smallest tile does not fit in shared memory (or, for kCluster, when no split
+// over at least two Cin chunks exists or clusters are unavailable).
+Plan ChooseTilePlan(const ConvGeometry& g, int elem_bytes, const DeviceLimits& limits,
+                    Variant variant = Variant::kPlain);
 
 }  // namespace tiled
 }  // namespace jaxsparse

@@ -21,6 +21,17 @@ from jaxsparse.format import SparseFilter, SparseFilterError
 
 DEFAULT_ROOT_ENV = "JAXSPARSE_DLMC_ROOT"
 
+# The ResNet-50 stage of each bottleneck group and its feature-map size at 224x224 input,
+# and the eight 1x1 reduce (bottleneck_1) / expand (bottleneck_3) layers the peer
+# comparisons of issues 13 and 14 use.
+GROUP_HW = {1: 56, 2: 28, 3: 14, 4: 7}
+PEER_LAYERS = tuple(f"bottleneck_{i}_block_group{g}_1_1" for g in GROUP_HW for i in (1, 3))
+
+
+def layer_hw(layer: str) -> int:
+    """Input height = width of a `PEER_LAYERS` layer at 224x224."""
+    return GROUP_HW[int(layer.split("group")[1][0])]
+
 
 def default_root() -> Path:
     """``$JAXSPARSE_DLMC_ROOT`` if set, else ``../shared/data/dlmc`` beside the project (or

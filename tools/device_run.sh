@@ -9,7 +9,7 @@
 # STEPS defaults to "install tests sanitize bench". Experiment steps (issue 4-6 results,
 # each bounded by a time budget and a timeout; outputs under $OUT/<step>):
 #   ncu sweep_vgg_b1 sweep_vgg_b32 sweep_r50_kim network_b1 network_b32 whole_model_b1 whole_model_b32
-#   peers auto_check nn sharding_gpu (a machine of 2+ GPUs) train_kim
+#   peers tc tc_bench auto_check nn sharding_gpu (a machine of 2+ GPUs) train_kim
 # and "bundle" (tar everything under $OUT into all.tgz: at most 8 files come back).
 # Other knobs:
 #   NCU_LAYER, NCU_FAMILIES, NCU_B1_ONLY, NCU_SOURCE (a family: its per-instruction SASS counts)
@@ -71,8 +71,9 @@ if has sanitize; then
   # kns matches a substring of the kernel name: the tiled (plain, staged and cluster) and naive kernels
   # contain "SparseConv", the opt-in row-bucketed ones "RowBucket" (checked in their own pass).
   DEFAULT_CASES="direct3x3_f32 direct3x3_bf16 direct_s2_f16 kim_w5_f32 spmm1x1_f32 spmm1x1_bf16 proj1x1_s2_f32 naive3x3_f32 staged3x3_f32 staged_s2_bf16 staged1x1_f32 staged1x1_f16 staged_kim_w3_f32 cluster3x3_f32 cluster_s2_bf16 cluster_odd_f16 cluster1x1_f32 cluster1x1_bf16 cluster_kim_w5_f32 malformed"
-  PASSES=${SANITIZE_PASSES:-"SparseConv RowBucket"}
-  for pass in "SparseConv:$DEFAULT_CASES" "RowBucket:rowbucket3x3_f32 rowbucket3x5_bf16 malformed"; do
+  PASSES=${SANITIZE_PASSES:-"SparseConv RowBucket TensorCore"}
+  for pass in "SparseConv:$DEFAULT_CASES" "RowBucket:rowbucket3x3_f32 rowbucket3x5_bf16 malformed" \
+              "TensorCore:tc_bf16 tc_f16_odd tc_tf32 tc_empty_rows tc_staged_bf16"; do
     [[ " $PASSES " == *" ${pass%%:*} "* ]] || continue
     kernels=${pass%%:*}; cases=${pass#*:}
     for tool in memcheck racecheck; do
@@ -170,6 +171,15 @@ done
 # XLA HIGHEST dense and cuSPARSE (BCSR) kernel time in one run.
 has peers && run_step peers ${PEERS_TIMEOUT:-240} python3 tools/peer_bench.py --families=${PEER_FAMILIES:-auto,cluster} \
   --out=$OUT/peers.jsonl
+# Issue 14: the tensor-core 1x1 kernel, its tests (CUDA path) and kernel time against XLA dense.
+if has tc; then
+  start=$(date +%s)
+  (cd "$REPO/tests" && timeout ${TC_TESTS_TIMEOUT:-150} python3 -m pytest -q test_tc_conv.py test_tc_plan.py -p no:cacheprovider) > "$OUT/tests_tc.log" 2>&1
+  note "tests_tc rc=$? ($(( $(date +%s) - start )) s): $(tail -1 "$OUT/tests_tc.log")"
+  grep -E "^(FAILED|ERROR)|Error|assert" "$OUT/tests_tc.log" | head -20 | tee -a "$SUMMARY"
+fi
+has tc_bench && run_step tc_bench ${TC_BENCH_TIMEOUT:-200} python3 tools/tc_bench.py --sparsity=${TC_SPARSITY:-0.9,0.95} \
+  --out=$OUT/tc.jsonl
 # Issue 11's check: VGG-16 with HIGHEST convolutions, policy='auto' at 90 %, batch 1, against dense
 # and all-sparse in the same run (nnx.split + jax.jit of the pure function).
 has auto_check && run_step auto_check ${AUTO_TIMEOUT:-200} python3 experiments/whole_model_benchmark.py --width=1 \

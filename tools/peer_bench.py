@@ -22,8 +22,7 @@ from jax.experimental import sparse as jsparse
 import jaxsparse
 from jaxsparse.benchmark import kernel_time_us
 
-GROUP_HW = {1: 56, 2: 28, 3: 14, 4: 7}
-LAYERS = [f"bottleneck_{i}_block_group{g}_1_1" for g in GROUP_HW for i in (1, 3)]
+from jaxsparse.dlmc import PEER_LAYERS as LAYERS, layer_hw
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--families", default="auto,cluster")
@@ -51,8 +50,7 @@ rows = []
 print(f"{'layer':34s} {'b':>3s} {'dtype':8s} {'family':7s} {'sparse us':>9s} {'dense f32 HIGHEST us':>20s} "
       f"{'sparse/dense':>12s} {'bcsr us':>8s}")
 for name in LAYERS:
-    group = int(name.split("group")[1][0])
-    hw = GROUP_HW[group]
+    hw = layer_hw(name)
     for batch in map(int, args.batches.split(",")):
         f32 = jaxsparse.load_dlmc(name, args.sparsity, dtype=np.float32, seed=0)
         x32 = jnp.asarray(np.random.default_rng(batch).standard_normal((batch, hw, hw, f32.in_channels)), jnp.float32)

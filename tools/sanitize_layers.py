@@ -41,6 +41,13 @@ CASES = {  # name: family, batch, h, w, cin, cout, kernel, stride, padding, dtyp
     "cluster_kim_w5_f32": ("cluster", 2, 1, 56, 300, 100, (1, 5), 1, "VALID", np.float32),
 }
 MALFORMED_FAMILIES = ("direct", "naive", "rowbucket", "staged", "cluster")
+TC_CASES = {  # the tensor-core 1x1 kernel (tc_conv1x1): batch, h, w, cin, cout, sparsity, dtype
+    "tc_bf16": (2, 7, 9, 64, 40, 0.9, jnp.bfloat16),  # partial last group, pixel tail
+    "tc_f16_odd": (1, 5, 5, 37, 21, 0.7, np.float16),  # Cin not a vector multiple: scalar staging
+    "tc_tf32": (2, 7, 7, 256, 64, 0.9, np.float32),
+    "tc_empty_rows": (1, 4, 4, 16, 16, 1.0, jnp.bfloat16),  # every group empty: bias only
+    "tc_staged_bf16": (16, 14, 14, 64, 128, 0.9, jnp.bfloat16),  # outputs staged, copied coalesced
+}
 
 
 def run_case(name):
@@ -49,6 +56,16 @@ def run_case(name):
     x = jnp.asarray(np.random.default_rng(0).standard_normal((n, h, w, cin)), np.float32).astype(dt)
     conv = jax.jit(lambda x, f: sparse_conv(x, f, strides=s, padding=pad, bias=jnp.ones(cout, dt),
                                             activation="relu", kernel=fam))
+    out = conv(x, f)
+    print(name, out.shape, float(jnp.abs(out.astype(jnp.float32)).mean()), flush=True)
+
+
+def run_tc_case(name):
+    n, h, w, cin, cout, sp, dt = TC_CASES[name]
+    f = jaxsparse.random_filter(3, (1, 1), cin, cout, sp, dtype=dt)
+    plan = jaxsparse.tc_conv.plan_for(f)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((n, h, w, cin)), np.float32).astype(dt)
+    conv = jax.jit(lambda x, f: jaxsparse.tc_conv1x1(x, f, plan, bias=jnp.ones(cout, dt), activation="relu"))
     out = conv(x, f)
     print(name, out.shape, float(jnp.abs(out.astype(jnp.float32)).mean()), flush=True)
 
@@ -77,11 +94,13 @@ def run_malformed():
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(CASES)
-    unknown = set(names) - set(CASES) - {"malformed"}
+    unknown = set(names) - set(CASES) - set(TC_CASES) - {"malformed"}
     if unknown:
-        sys.exit(f"unknown cases {sorted(unknown)}; known: {sorted(CASES)} and 'malformed'")
+        sys.exit(f"unknown cases {sorted(unknown)}; known: {sorted(CASES)}, {sorted(TC_CASES)} and 'malformed'")
     for name in names:
-        if name != "malformed":
+        if name in TC_CASES:
+            run_tc_case(name)
+        elif name != "malformed":
             run_case(name)
     if "malformed" in names:
         run_malformed()

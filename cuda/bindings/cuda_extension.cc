@@ -12,6 +12,7 @@ NB_MODULE(_jaxsparse_cuda, m) {
         nb::capsule(reinterpret_cast<void*>(&jaxsparse::SparseConvCudaHandler));
     targets["jaxsparse_sparse_conv_filter_grad"] =
         nb::capsule(reinterpret_cast<void*>(&jaxsparse::SparseConvFilterGradCudaHandler));
+    targets["jaxsparse_tc_spmm"] = nb::capsule(reinterpret_cast<void*>(&jaxsparse::TcSpmmCudaHandler));
     return targets;
   });
 }

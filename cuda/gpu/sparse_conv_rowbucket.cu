@@ -32,6 +32,7 @@
 #include <mutex>
 
 #include "gpu/element_io.cuh"
+#include "gpu/dynamic_smem.h"
 #include "gpu/sparse_conv_kernels.h"
 #include "gpu/tiled_plan.h"
 
@@ -563,25 +564,7 @@ cudaError_t LaunchMain(cudaStream_t stream, const Plan& plan, const SparseConvOp
                        const int* status, const int* offs, const int2* entries) {
   using T = typename Config::Element;
   auto kernel = RowBucketConvKernel<Config>;
-  static std::mutex mu;
-  static uint64_t done_mask = 0;
-  int dev = 0;
-  if (cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return e;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    const uint64_t bit = uint64_t{1} << (dev & 63);
-    if (!(done_mask & bit)) {
-      int max_optin = 0;
-      cudaError_t e = cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-      if (e != cudaSuccess) return e;
-      cudaFuncAttributes attr{};
-      if ((e = cudaFuncGetAttributes(&attr, kernel)) != cudaSuccess) return e;
-      e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               max_optin - static_cast<int>(attr.sharedSizeBytes));
-      if (e != cudaSuccess) return e;
-      done_mask |= bit;
-    }
-  }
+  if (cudaError_t e = AllowDynamicSmem(reinterpret_cast<const void*>(kernel)); e != cudaSuccess) return e;
   Args args = plan.args;
   if (reinterpret_cast<uintptr_t>(op.x) % 16 != 0) args.vec_fill = 0;
   kernel<<<static_cast<unsigned>(plan.blocks), kThreads, plan.smem_bytes, stream>>>(

@@ -11,6 +11,7 @@
 #include <unordered_map>
 
 #include "gpu/element_io.cuh"
+#include "gpu/dynamic_smem.h"
 #include "gpu/sparse_conv_kernels.h"
 #include "gpu/tiled_plan.h"
 
@@ -486,28 +487,7 @@ template <class Config>
 cudaError_t LaunchConfig(cudaStream_t stream, const Plan& plan, const SparseConvOperands& op) {
   using T = typename Config::Element;
   auto kernel = TiledSparseConvKernel<Config>;
-  // Raise the dynamic shared-memory limit (a host-side function attribute,
-  // not stream work) once per device.
-  static std::mutex mu;
-  static uint64_t done_mask = 0;
-  int dev = 0;
-  if (cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return e;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    const uint64_t bit = uint64_t{1} << (dev & 63);
-    if (!(done_mask & bit)) {
-      int max_optin = 0;
-      cudaError_t e = cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-      if (e != cudaSuccess) return e;
-      cudaFuncAttributes attr{};
-      if ((e = cudaFuncGetAttributes(&attr, kernel)) != cudaSuccess) return e;
-      // Static + dynamic shared memory must stay within the opt-in limit.
-      e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               max_optin - static_cast<int>(attr.sharedSizeBytes));
-      if (e != cudaSuccess) return e;
-      done_mask |= bit;
-    }
-  }
+  if (cudaError_t e = AllowDynamicSmem(reinterpret_cast<const void*>(kernel)); e != cudaSuccess) return e;
   TileArgs args = plan.args;
   if (reinterpret_cast<uintptr_t>(op.x) % 16 != 0) args.vec_fill = 0;
   if constexpr (Config::kCluster) {

@@ -1,0 +1,81 @@
+// XLA FFI adapter for the tensor-core 1x1 sparse convolution (issue 14): checks the
+// operands against each other and enqueues the kernel on XLA's stream.
+#include <string>
+
+#include "ffi/sparse_conv_args.h"
+#include "ffi/sparse_conv_cuda_ffi.h"
+#include "gpu/sparse_conv_tensorcore.h"
+
+namespace jaxsparse {
+namespace {
+
+ffi::Error TcError(const std::string& message) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "jaxsparse tensor-core spmm: " + message);
+}
+
+bool IsInt32Vector(const ffi::AnyBuffer& b) {
+  return b.element_type() == ffi::DataType::S32 && b.dimensions().size() == 1;
+}
+
+ffi::Error TcSpmmCudaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer packed,
+                          ffi::AnyBuffer columns, ffi::AnyBuffer col_offsets, ffi::AnyBuffer channels,
+                          ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> out, int64_t relu) {
+  ElementType type;
+  if (!ToElementType(x.element_type(), &type)) return TcError("x must be float32, bfloat16 or float16");
+  if (packed.element_type() != x.element_type() || out->element_type() != x.element_type())
+    return TcError("packed tiles and output must have x's dtype");
+  const auto xd = x.dimensions(), od = out->dimensions();
+  if (xd.size() < 1 || od.size() != xd.size()) return TcError("x and out must have the same rank");
+  for (size_t i = 0; i + 1 < xd.size(); ++i)
+    if (xd[i] != od[i]) return TcError("x and out must agree on every dimension but the last");
+  if (!IsInt32Vector(columns) || !IsInt32Vector(col_offsets) || !IsInt32Vector(channels))
+    return TcError("columns, col_offsets and channels must be int32 vectors");
+  TensorCoreShape s;
+  s.in_c = xd.back();
+  s.out_c = od.back();
+  s.pixels = s.in_c > 0 ? static_cast<int64_t>(x.element_count()) / s.in_c : 0;
+  s.groups = col_offsets.dimensions()[0] - 1;
+  s.k_total = columns.dimensions()[0];
+  s.relu = relu != 0;
+  if (s.groups < 1 || channels.dimensions()[0] != 16 * s.groups)
+    return TcError("channels must hold 16 entries per group (col_offsets has groups + 1)");
+  if (static_cast<int64_t>(packed.element_count()) != 16 * s.k_total)
+    return TcError("packed must hold 16 x len(columns) weights");
+  const bool has_bias = bias.element_count() > 0;
+  if (has_bias && (bias.element_type() != x.element_type() || bias.dimensions().size() != 1 ||
+                   bias.dimensions()[0] != s.out_c))
+    return TcError("bias must be (Cout,) of x's dtype, or empty");
+  if (s.pixels == 0 || s.out_c == 0) return ffi::Error::Success();
+  if (!TensorCoreFits(s, type)) return TcError("shape not supported (Cin too large for the input slab)");
+  TensorCoreOperands op;
+  op.x = x.untyped_data();
+  op.packed = packed.untyped_data();
+  op.columns = static_cast<const int32_t*>(columns.untyped_data());
+  op.col_offsets = static_cast<const int32_t*>(col_offsets.untyped_data());
+  op.channels = static_cast<const int32_t*>(channels.untyped_data());
+  op.bias = has_bias ? bias.untyped_data() : nullptr;
+  op.out = out->untyped_data();
+  const cudaError_t status = LaunchTensorCoreSpmm(stream, s, type, op);
+  if (status != cudaSuccess)
+    return ffi::Error::Internal(std::string("jaxsparse tensor-core spmm: CUDA launch failed: ") +
+                                cudaGetErrorString(status));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// Command-buffer compatible: one kernel on XLA's stream, no host synchronisation.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TcSpmmCudaHandler, TcSpmmCudaImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // x, (..., Cin)
+                                  .Arg<ffi::AnyBuffer>()  // packed tiles
+                                  .Arg<ffi::AnyBuffer>()  // columns (int32)
+                                  .Arg<ffi::AnyBuffer>()  // col_offsets (int32)
+                                  .Arg<ffi::AnyBuffer>()  // channels (int32)
+                                  .Arg<ffi::AnyBuffer>()  // bias, (Cout,) or (0,)
+                                  .Ret<ffi::AnyBuffer>()  // out, (..., Cout)
+                                  .Attr<int64_t>("relu"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+}  // namespace jaxsparse

@@ -1,0 +1,42 @@
+// Tensor-core 1x1 sparse convolution over a per-filter union plan (issue 14, first kernel).
+// Host-callable launcher; no FFI or nanobind headers. The plan is jaxsparse/tc_plan.py's
+// TensorCorePlan: output channels in groups of 16 (`channels`, -1 for missing rows), each
+// group's union columns padded to the mma k (`columns`, `col_offsets`), and the packed
+// dense tiles (`packed`, row-major 16 x k_padded per group at 16 * col_offsets[g]).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "conv_geometry.h"
+
+namespace jaxsparse {
+
+struct TensorCoreOperands {
+  const void* x = nullptr;             // (P, Cin) NHWC pixels, element type
+  const void* packed = nullptr;        // packed tiles, element type
+  const int32_t* columns = nullptr;    // (K_total,) union columns (channels for 1x1)
+  const int32_t* col_offsets = nullptr;  // (G + 1,)
+  const int32_t* channels = nullptr;   // (G * 16,) output channel of each tile row, -1: none
+  const void* bias = nullptr;          // (Cout,) or null
+  void* out = nullptr;                 // (P, Cout) NHWC, element type
+};
+
+struct TensorCoreShape {
+  int64_t pixels = 0, in_c = 0, out_c = 0, groups = 0, k_total = 0;
+  bool relu = false;
+};
+
+// Whether the kernel takes this shape (the input slab of at least 16 pixels of all Cin
+// channels fits in shared memory).
+bool TensorCoreFits(const TensorCoreShape& s, ElementType type);
+
+// bf16/f16: mma.sync m16n8k16 (plan k multiple 16); f32: TF32 m16n8k8 (plan k multiple 8).
+// Accumulation in float32, bias and ReLU fused. Column indices outside [0, Cin) are read
+// as channel 0 by construction of the plan; the launcher trusts the plan (the Python side
+// checks it against the filter's fingerprint).
+cudaError_t LaunchTensorCoreSpmm(cudaStream_t stream, const TensorCoreShape& s, ElementType type,
+                                 const TensorCoreOperands& op);
+
+}  // namespace jaxsparse

@@ -1,0 +1,97 @@
+"""Tensor-core 1x1 sparse convolution over a `TensorCorePlan` (issue 14; experimental).
+
+``tc_conv1x1(x, filter)`` computes the same 1x1, stride-1, unpadded convolution as
+`jaxsparse.sparse_conv`, on the GPU with tensor cores: the filter's output channels in
+groups of 16 (the plan's clustering), each group's union of nonzero input channels
+gathered from shared memory, ``mma.sync`` with float32 accumulation. float32 inputs use
+TF32 products, so ``precision=HIGHEST`` (exact float32) is refused; bfloat16/float16
+products are exact at every precision. Not yet chosen by ``sparse_conv``'s planner, no
+autodiff rule (the packing is differentiable, the kernel call is not). On other
+platforms it computes the plan's dense kernel with XLA (the same result up to rounding).
+The union semantics differ from ``sparse_conv`` for non-finite inputs: see
+`jaxsparse.tc_plan`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxsparse import options
+from jaxsparse.format import SparseFilter
+from jaxsparse.tc_plan import TensorCorePlan, tensor_core_plan
+
+TARGET = "jaxsparse_tc_spmm"
+_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def k_multiple_for(dtype) -> int:
+    """The mma k of a dtype: 8 for TF32 (float32 inputs), 16 for bfloat16/float16."""
+    return 8 if jnp.dtype(dtype) == jnp.float32 else 16
+
+
+def plan_for(filt: SparseFilter) -> TensorCorePlan:
+    """The tensor-core plan of a concrete 1x1 filter, for its dtype's mma k."""
+    return tensor_core_plan(filt, rows=16, k_multiple=k_multiple_for(filt.data.dtype))
+
+
+def _check(x, filt: SparseFilter, plan: TensorCorePlan, bias, activation, precision):
+    if not isinstance(filt, SparseFilter):
+        raise TypeError(f"filter must be a SparseFilter, got {type(filt).__name__}")
+    if tuple(filt.kernel_size) not in ((1, 1), (1,)):
+        raise ValueError(f"tc_conv1x1 takes 1x1 filters, got kernel_size {filt.kernel_size}")
+    dt = jnp.dtype(x.dtype)
+    if dt not in map(jnp.dtype, _DTYPES):
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {dt}")
+    if jnp.dtype(filt.data.dtype) != dt:
+        raise TypeError(f"filter dtype {filt.data.dtype} differs from x dtype {dt}")
+    if x.ndim < 2 or x.shape[-1] != filt.in_channels:
+        raise ValueError(f"x must end in Cin = {filt.in_channels} channels, got shape {x.shape}")
+    if plan.rows != 16 or plan.k_multiple != k_multiple_for(dt):
+        raise ValueError(f"the plan must have rows=16 and k_multiple={k_multiple_for(dt)} for {dt}, "
+                         f"got rows={plan.rows}, k_multiple={plan.k_multiple}")
+    if bias is not None and (jnp.shape(bias) != (filt.out_channels,) or jnp.dtype(bias.dtype) != dt):
+        raise ValueError(f"bias must be ({filt.out_channels},) of dtype {dt}")
+    if activation not in (None, "relu"):
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    if dt == jnp.float32 and options.canonical_precision(precision) == lax.Precision.HIGHEST:
+        raise ValueError("tc_conv1x1 uses TF32 products for float32 inputs, which precision=HIGHEST "
+                         "forbids: use sparse_conv for exact float32, or precision=None/'default'")
+    if plan.col_offsets[-1] > np.iinfo(np.int32).max // 16:
+        raise ValueError("the plan is too large for 32-bit tile offsets")
+
+
+def tc_conv1x1(x, filt: SparseFilter, plan: TensorCorePlan | None = None, *, bias=None,
+               activation: str | None = None, precision=None):
+    """1x1 sparse convolution of NHWC (or NWC, ...) ``x`` on tensor cores; see the module."""
+    x = jnp.asarray(x)
+    plan = plan_for(filt) if plan is None else plan
+    _check(x, filt, plan, bias, activation, precision)
+    packed, _ = plan.pack(filt)  # NaN-poisoned for a traced filter of another pattern
+    out_shape = x.shape[:-1] + (filt.out_channels,)
+    columns = jnp.asarray(plan.columns, jnp.int32)
+    col_offsets = jnp.asarray(plan.col_offsets.astype(np.int32))
+    channels = jnp.asarray(plan.channels.reshape(-1), jnp.int32)
+    b = jnp.zeros((0,), x.dtype) if bias is None else bias
+    relu = activation == "relu"
+
+    def on_cuda(x, packed, b):
+        call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(out_shape, x.dtype))
+        return call(x, packed, columns, col_offsets, channels, b, relu=np.int64(relu))
+
+    def elsewhere(x, packed, b):
+        kernel = plan.unpack(packed).reshape(filt.in_channels, filt.out_channels)
+        y = jnp.einsum("...c,co->...o", x.astype(jnp.float32), kernel.astype(jnp.float32),
+                       precision=lax.Precision.HIGHEST)
+        if bias is not None:
+            y = y + b.astype(jnp.float32)
+        if relu:
+            y = jnp.where(y < 0, 0.0, y)  # keeps NaN, as the kernels do
+        return y.astype(x.dtype)
+
+    if x.size == 0 or filt.out_channels == 0:
+        return elsewhere(x, packed, b)
+    return lax.platform_dependent(x, packed, b, cuda=on_cuda, default=elsewhere)

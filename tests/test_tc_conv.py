@@ -1,0 +1,144 @@
+"""Tensor-core 1x1 convolution (issue 14): the XLA path on the CPU, the CUDA kernel on the GPU.
+
+Accuracy bounds (issue 14, item 4): bf16/f16 within 2e-2 of the float64 reference relative to
+sum |w| |x| (float32 accumulation); TF32 no worse than 2x XLA's own TF32 convolution error on
+the same data.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import jaxsparse
+from jaxsparse import tc_conv1x1
+from jaxsparse.tc_conv import plan_for
+from helpers import dense_from_filter, filter_with_empty_rows, random_input
+
+SHAPES = [  # batch, hw, cin, cout, sparsity
+    (1, 7, 64, 48, 0.9), (2, 5, 40, 21, 0.8), (1, 3, 8, 16, 0.0), (3, 4, 24, 33, 1.0),
+    (1, 14, 256, 128, 0.95), (2, 9, 37, 19, 0.7),
+]
+
+
+def reference(x, f, bias=None, relu=False):
+    """float64 result and the scale sum |w| |x| + |b| of each output."""
+    xd = np.asarray(np.asarray(x, np.float32), np.float64)
+    wd = np.asarray(dense_from_filter(f), np.float64).reshape(f.in_channels, f.out_channels)
+    y = xd @ wd
+    scale = np.abs(xd) @ np.abs(wd)
+    if bias is not None:
+        bd = np.asarray(np.asarray(bias, np.float32), np.float64)
+        y, scale = y + bd, scale + np.abs(bd)
+    return (np.maximum(y, 0) if relu else y), scale
+
+
+def run(x, f, **kw):
+    """tc_conv1x1 under jit with the filter traced (the plan is built from the concrete one)."""
+    plan = plan_for(f)
+    return np.asarray(jax.jit(lambda x, f: tc_conv1x1(x, f, plan, **kw))(x, f).astype(jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("batch,hw,cin,cout,sparsity", SHAPES)
+def test_xla_path_matches_reference(dtype, batch, hw, cin, cout, sparsity):
+    rng = np.random.default_rng(cin * cout)
+    dt = jnp.dtype(dtype)
+    f = jaxsparse.random_filter(cin + cout, (1, 1), cin, cout, sparsity, dtype=dt)
+    x = jnp.asarray(random_input(rng, (batch, hw, hw, cin)), dt)
+    bias = jnp.asarray(rng.standard_normal(cout), dt)
+    with jax.default_device(jax.devices("cpu")[0]):
+        out = run(x, f, bias=bias, activation="relu")
+    ref, scale = reference(x, f, bias, relu=True)
+    assert np.all(np.abs(out - ref) <= 2e-2 * scale + 1e-6)
+
+
+def test_errors_name_the_problem():
+    f32 = jaxsparse.random_filter(0, (1, 1), 16, 16, 0.5)
+    x32 = jnp.ones((1, 4, 4, 16), jnp.float32)
+    with pytest.raises(ValueError, match="HIGHEST"):
+        tc_conv1x1(x32, f32, precision="highest")
+    with pytest.raises(ValueError, match="1x1"):
+        tc_conv1x1(x32, jaxsparse.random_filter(0, (3, 3), 16, 16, 0.5))
+    with pytest.raises(ValueError, match="Cin = 16"):
+        tc_conv1x1(jnp.ones((1, 4, 4, 8)), f32)
+    with pytest.raises(TypeError, match="dtype"):
+        tc_conv1x1(x32.astype(jnp.bfloat16), f32)
+    with pytest.raises(ValueError, match="k_multiple=8"):
+        tc_conv1x1(x32, f32, jaxsparse.tensor_core_plan(f32, rows=16, k_multiple=16))
+    with pytest.raises(ValueError, match="activation"):
+        tc_conv1x1(x32, f32, activation="gelu")
+
+
+# ---- the CUDA kernel ---------------------------------------------------------------------
+
+def gpu(a):
+    return jax.device_put(a, jax.devices("gpu")[0])
+
+
+def poison(shape, dtype):
+    bufs = [jnp.full(shape, jnp.nan, dtype) for _ in range(3)]
+    jax.block_until_ready(bufs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("batch,hw,cin,cout,sparsity", SHAPES + [(32, 7, 512, 64, 0.9), (1, 7, 2048, 512, 0.9), (32, 14, 128, 64, 0.9), (8, 28, 64, 256, 0.95)])
+def test_half_precision_kernel(dtype, batch, hw, cin, cout, sparsity):
+    rng = np.random.default_rng(cin + 7 * cout)
+    dt = jnp.dtype(dtype)
+    f = filter_with_empty_rows(rng, (1, 1), cin, cout, sparsity, dt, empty_rows=list(range(min(3, cout))))
+    x = gpu(jnp.asarray(random_input(rng, (batch, hw, hw, cin)), dt))
+    bias = gpu(jnp.asarray(rng.standard_normal(cout), dt))
+    poison((batch, hw, hw, cout), dt)
+    out = run(x, f, bias=bias, activation="relu")
+    ref, scale = reference(x, f, bias, relu=True)
+    assert np.all(np.isfinite(out))
+    err = np.abs(out - ref) / np.maximum(scale, 1e-30)
+    assert err.max() <= 2e-2, err.max()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,hw,cin,cout,sparsity", SHAPES + [(32, 14, 256, 128, 0.9), (1, 7, 2048, 64, 0.9)])
+def test_tf32_kernel_within_twice_xla_tf32_error(batch, hw, cin, cout, sparsity):
+    rng = np.random.default_rng(cin + cout)
+    f = jaxsparse.random_filter(cin, (1, 1), cin, cout, sparsity)
+    x = gpu(jnp.asarray(random_input(rng, (batch, hw, hw, cin))))
+    poison((batch, hw, hw, cout), jnp.float32)
+    out = run(x, f)
+    ref, scale = reference(x, f)
+    dense = jnp.asarray(dense_from_filter(f), jnp.float32)
+    xla = np.asarray(jax.jit(lambda x, w: lax.conv_general_dilated(
+        x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=lax.Precision.DEFAULT))(x, dense), np.float64)
+    ours = np.abs(out - ref) / np.maximum(scale, 1e-30)
+    theirs = np.abs(xla - ref) / np.maximum(scale, 1e-30)
+    assert np.all(np.isfinite(out))
+    # Both relative to sum |w||x|; the bound allows a floor for outputs XLA gets exactly.
+    assert ours.max() <= 2 * max(theirs.max(), 2.0 ** -11), (ours.max(), theirs.max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layer,hw", [("bottleneck_1_block_group1_1_1", 56), ("bottleneck_3_block_group4_1_1", 7),
+                                      ("bottleneck_1_block_group4_1_1", 7)])
+def test_dlmc_patterns(dlmc_root, layer, hw):
+    path = jaxsparse.dlmc.dlmc_path(layer, 0.9, dlmc_root)
+    if not path.is_file():
+        pytest.skip(f"{path} missing")
+    f = jaxsparse.load_dlmc(path, dtype=jnp.bfloat16, seed=3)
+    rng = np.random.default_rng(1)
+    x = gpu(jnp.asarray(random_input(rng, (2, hw, hw, f.in_channels)), jnp.bfloat16))
+    out = run(x, f)
+    ref, scale = reference(x, f)
+    assert (np.abs(out - ref) / np.maximum(scale, 1e-30)).max() <= 2e-2
+
+
+@pytest.mark.gpu
+def test_traced_filter_of_another_pattern_is_poisoned():
+    f = jaxsparse.random_filter(1, (1, 1), 32, 32, 0.8, dtype=jnp.bfloat16)
+    g = jaxsparse.random_filter(2, (1, 1), 32, 32, 0.8, dtype=jnp.bfloat16)
+    plan = plan_for(f)
+    x = gpu(jnp.ones((1, 4, 4, 32), jnp.bfloat16))
+    out = jax.jit(lambda x, g: tc_conv1x1(x, g, plan))(x, g)
+    assert np.isnan(np.asarray(out, np.float32)).all()

@@ -14,6 +14,8 @@ The union semantics differ from ``sparse_conv`` for non-finite inputs: see
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 
 import jax
@@ -22,7 +24,7 @@ from jax import lax
 
 from jaxsparse import options
 from jaxsparse.format import SparseFilter
-from jaxsparse.tc_plan import TensorCorePlan, tensor_core_plan
+from jaxsparse.tc_plan import TensorCorePlan, TensorCorePlanError, _filter_fingerprint, tensor_core_plan
 
 TARGET = "jaxsparse_tc_spmm"
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -33,9 +35,27 @@ def k_multiple_for(dtype) -> int:
     return 8 if jnp.dtype(dtype) == jnp.float32 else 16
 
 
+_PLANS: "collections.OrderedDict[tuple, TensorCorePlan]" = collections.OrderedDict()
+_PLAN_CACHE_SIZE = 64
+
+
 def plan_for(filt: SparseFilter) -> TensorCorePlan:
-    """The tensor-core plan of a concrete 1x1 filter, for its dtype's mma k."""
-    return tensor_core_plan(filt, rows=16, k_multiple=k_multiple_for(filt.data.dtype))
+    """The tensor-core plan of a concrete filter, for its dtype's mma k: built once per
+    sparsity pattern (cached by the pattern's fingerprint, the last 64 patterns)."""
+    if isinstance(filt.indices, jax.core.Tracer) or isinstance(filt.indptr, jax.core.Tracer):
+        raise TensorCorePlanError("the tensor-core plan needs a concrete sparsity pattern: build it "
+                                  "outside jit with plan_for(filter) and pass it as tc_conv1x1(x, f, plan)")
+    k = k_multiple_for(filt.data.dtype)
+    key = (_filter_fingerprint(filt), k)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = tensor_core_plan(filt, rows=16, k_multiple=k)
+        _PLANS[key] = plan
+        while len(_PLANS) > _PLAN_CACHE_SIZE:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+    return plan
 
 
 def _check(x, filt: SparseFilter, plan: TensorCorePlan, bias, activation, precision):

@@ -71,6 +71,16 @@ def test_errors_name_the_problem():
         tc_conv1x1(x32, f32, activation="gelu")
 
 
+def test_plan_is_built_once_per_pattern_and_needs_a_concrete_one():
+    f = jaxsparse.random_filter(5, (1, 1), 32, 24, 0.8, dtype=jnp.bfloat16)
+    assert plan_for(f) is plan_for(f.with_data(f.data * 2))  # same pattern, other values
+    assert plan_for(f) is not plan_for(jaxsparse.random_filter(6, (1, 1), 32, 24, 0.8, dtype=jnp.bfloat16))
+    assert plan_for(f.astype(jnp.float32)).k_multiple == 8
+    x = jnp.ones((1, 2, 2, 32), jnp.bfloat16)
+    with pytest.raises(jaxsparse.TensorCorePlanError, match="concrete"):
+        jax.jit(lambda x, f: tc_conv1x1(x, f))(x, f)
+
+
 # ---- the CUDA kernel ---------------------------------------------------------------------
 
 def gpu(a):

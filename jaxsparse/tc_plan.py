@@ -57,6 +57,7 @@ returns NaN-poisoned tiles on mismatch, never silently wrong weights.
 from __future__ import annotations
 
 import dataclasses
+import json
 import hashlib
 import math
 
@@ -323,3 +324,68 @@ def tensor_core_plan(f: SparseFilter, rows: int = 16, k_multiple: int = 16) -> T
                           columns=columns, col_offsets=col_offsets, union_sizes=union_sizes,
                           positions=positions, indices=indices, indptr=indptr,
                           fingerprint=_filter_fingerprint(f))
+
+
+# ---- saving a plan next to its filter ----------------------------------------------
+_PLAN_ARRAYS = ("channels", "columns", "col_offsets", "union_sizes", "positions", "indices", "indptr")
+
+
+def save_plan(plan: TensorCorePlan, path) -> None:
+    """Writes ``plan`` to a safetensors file: its arrays, and its sizes and pattern
+    fingerprint as metadata. `load_plan` reads it back and checks it."""
+    from safetensors.numpy import save_file
+    tensors = {name: np.ascontiguousarray(getattr(plan, name)) for name in _PLAN_ARRAYS}
+    meta = dict(rows=plan.rows, k_multiple=plan.k_multiple, kernel_size=list(plan.kernel_size),
+                in_channels=plan.in_channels, out_channels=plan.out_channels, fingerprint=plan.fingerprint)
+    save_file(tensors, str(path), metadata={"jaxsparse_tensor_core_plan": json.dumps(meta)})
+
+
+def load_plan(path, filt: SparseFilter | None = None) -> TensorCorePlan:
+    """Reads a plan written by `save_plan`. Raises `TensorCorePlanError` if the file is not
+    one, if its pattern does not match its own fingerprint (a damaged file), or, given
+    ``filt``, if the plan is not for that filter's pattern."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="numpy") as fh:
+        raw = (fh.metadata() or {}).get("jaxsparse_tensor_core_plan")
+        if raw is None:
+            raise TensorCorePlanError(f"{path} holds no jaxsparse tensor-core plan")
+        missing = set(_PLAN_ARRAYS) - set(fh.keys())
+        if missing:
+            raise TensorCorePlanError(f"{path} lacks the plan arrays {sorted(missing)}")
+        arrays = {name: fh.get_tensor(name) for name in _PLAN_ARRAYS}
+    meta = json.loads(raw)
+    kernel_size = tuple(int(k) for k in meta["kernel_size"])
+    found = pattern_fingerprint(arrays["indices"], arrays["indptr"], kernel_size, int(meta["in_channels"]),
+                                int(meta["out_channels"]))
+    if found != meta["fingerprint"]:
+        raise TensorCorePlanError(f"{path}: the stored pattern does not match the plan's fingerprint "
+                                  "(a damaged or edited file)")
+    plan = TensorCorePlan(rows=int(meta["rows"]), k_multiple=int(meta["k_multiple"]), kernel_size=kernel_size,
+                          in_channels=int(meta["in_channels"]), out_channels=int(meta["out_channels"]),
+                          fingerprint=meta["fingerprint"], **arrays)
+    _check_layout(plan, path)
+    if filt is not None:
+        plan.check(filt)
+    return plan
+
+
+def _check_layout(plan: TensorCorePlan, path) -> None:
+    """The invariants the kernel and `pack` rely on (bounds, no duplicate positions)."""
+    def bad(what):
+        raise TensorCorePlanError(f"{path}: {what} (a damaged or edited file)")
+    offsets, k_pad = plan.col_offsets, np.diff(plan.col_offsets)
+    if plan.rows < 1 or plan.k_multiple < 1 or offsets.ndim != 1 or offsets[0] != 0 or np.any(k_pad < 0):
+        bad("column offsets out of order")
+    if np.any(k_pad % plan.k_multiple) or offsets[-1] != plan.columns.shape[0]:
+        bad("groups not padded to k_multiple, or columns of the wrong length")
+    if plan.channels.shape != (offsets.shape[0] - 1, plan.rows):
+        bad("channels of the wrong shape")
+    real = plan.channels[plan.channels >= 0]
+    if not np.array_equal(np.sort(real), np.arange(plan.out_channels)) or np.any(plan.channels < -1):
+        bad("channels are not a permutation of the output channels")
+    if plan.columns.size and (plan.columns.min() < 0 or plan.columns.max() >= plan.taps):
+        bad("a column outside the filter's taps")
+    pos = plan.positions
+    if pos.shape != plan.indices.shape or (pos.size and (pos.min() < 0 or pos.max() >= plan.packed_size)) \
+            or np.unique(pos).size != pos.size:
+        bad("packed positions out of range or repeated")

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import jaxsparse
 from jaxsparse import SparseFilter, load_dlmc
 from jaxsparse.tc_plan import (TensorCorePlanError, greedy_row_groups, pattern_fingerprint,
                                tensor_core_plan)
@@ -215,3 +216,39 @@ def test_dlmc_union_fraction_matches_the_issue(dlmc_root):
         shape = f"{f.out_channels}x{f.taps}"
         lines.append(f"{layer:50s} {shape:>10s}  " + "  ".join(f"{c:>11s}" for c in cells))
     print("\nu / u_padded (k_multiple = 16) after greedy clustering:\n" + "\n".join(lines))
+
+
+def test_plan_saved_and_loaded(tmp_path):
+    f = jaxsparse.random_filter(3, (3, 3), 12, 20, 0.8)
+    plan = jaxsparse.tensor_core_plan(f, rows=16, k_multiple=8)
+    path = tmp_path / "plan.safetensors"
+    jaxsparse.save_plan(plan, path)
+    back = jaxsparse.load_plan(path, f)
+    for name in ("channels", "columns", "col_offsets", "union_sizes", "positions", "indices", "indptr"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(plan, name))
+    assert (back.rows, back.k_multiple, back.kernel_size, back.fingerprint) == \
+        (plan.rows, plan.k_multiple, plan.kernel_size, plan.fingerprint)
+    np.testing.assert_array_equal(np.asarray(back.pack(f)[0]), np.asarray(plan.pack(f)[0]))
+    with pytest.raises(jaxsparse.TensorCorePlanError):  # another pattern
+        jaxsparse.load_plan(path, jaxsparse.random_filter(4, (3, 3), 12, 20, 0.8))
+
+
+def test_damaged_plan_files_are_refused(tmp_path):
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+    f = jaxsparse.random_filter(5, (1, 1), 32, 24, 0.7)
+    plan = jaxsparse.tensor_core_plan(f)
+    path = tmp_path / "plan.safetensors"
+    jaxsparse.save_plan(plan, path)
+    with safe_open(str(path), framework="numpy") as fh:
+        meta = fh.metadata()
+    tensors = load_file(str(path))
+    for name, edit in [("indices", lambda a: a[::-1].copy()), ("positions", lambda a: a * 0),
+                       ("columns", lambda a: a + 10**6)]:
+        broken = dict(tensors, **{name: edit(tensors[name])})
+        save_file(broken, str(tmp_path / "bad.safetensors"), metadata=meta)
+        with pytest.raises(jaxsparse.TensorCorePlanError, match="damaged"):
+            jaxsparse.load_plan(tmp_path / "bad.safetensors")
+    save_file(tensors, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(jaxsparse.TensorCorePlanError, match="no jaxsparse"):
+        jaxsparse.load_plan(tmp_path / "plain.safetensors")

@@ -15,6 +15,7 @@ The union semantics differ from ``sparse_conv`` for non-finite inputs: see
 from __future__ import annotations
 
 import collections
+import math
 
 import numpy as np
 
@@ -24,6 +25,8 @@ from jax import lax
 
 from jaxsparse import options
 from jaxsparse.format import SparseFilter
+from jaxsparse.ops import _relu_flag
+from jaxsparse.reference import dense_conv_nhwc
 from jaxsparse.tc_plan import TensorCorePlan, TensorCorePlanError, _filter_fingerprint, tensor_core_plan
 
 TARGET = "jaxsparse_tc_spmm"
@@ -58,7 +61,7 @@ def plan_for(filt: SparseFilter) -> TensorCorePlan:
     return plan
 
 
-def _check(x, filt: SparseFilter, plan: TensorCorePlan, bias, activation, precision):
+def _check(x, filt: SparseFilter, plan: TensorCorePlan, bias, precision):
     if not isinstance(filt, SparseFilter):
         raise TypeError(f"filter must be a SparseFilter, got {type(filt).__name__}")
     if tuple(filt.kernel_size) not in ((1, 1), (1,)):
@@ -75,8 +78,6 @@ def _check(x, filt: SparseFilter, plan: TensorCorePlan, bias, activation, precis
                          f"got rows={plan.rows}, k_multiple={plan.k_multiple}")
     if bias is not None and (jnp.shape(bias) != (filt.out_channels,) or jnp.dtype(bias.dtype) != dt):
         raise ValueError(f"bias must be ({filt.out_channels},) of dtype {dt}")
-    if activation not in (None, "relu"):
-        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
     if dt == jnp.float32 and options.canonical_precision(precision) == lax.Precision.HIGHEST:
         raise ValueError("tc_conv1x1 uses TF32 products for float32 inputs, which precision=HIGHEST "
                          "forbids: use sparse_conv for exact float32, or precision=None/'default'")
@@ -89,28 +90,24 @@ def tc_conv1x1(x, filt: SparseFilter, plan: TensorCorePlan | None = None, *, bia
     """1x1 sparse convolution of NHWC (or NWC, ...) ``x`` on tensor cores; see the module."""
     x = jnp.asarray(x)
     plan = plan_for(filt) if plan is None else plan
-    _check(x, filt, plan, bias, activation, precision)
+    _check(x, filt, plan, bias, precision)
+    relu = _relu_flag(activation)  # the activations sparse_conv takes
     packed, _ = plan.pack(filt)  # NaN-poisoned for a traced filter of another pattern
     out_shape = x.shape[:-1] + (filt.out_channels,)
     columns = jnp.asarray(plan.columns, jnp.int32)
     col_offsets = jnp.asarray(plan.col_offsets.astype(np.int32))
     channels = jnp.asarray(plan.channels.reshape(-1), jnp.int32)
     b = jnp.zeros((0,), x.dtype) if bias is None else bias
-    relu = activation == "relu"
 
     def on_cuda(x, packed, b):
         call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(out_shape, x.dtype))
         return call(x, packed, columns, col_offsets, channels, b, relu=np.int64(relu))
 
-    def elsewhere(x, packed, b):
-        kernel = plan.unpack(packed).reshape(filt.in_channels, filt.out_channels)
-        y = jnp.einsum("...c,co->...o", x.astype(jnp.float32), kernel.astype(jnp.float32),
-                       precision=lax.Precision.HIGHEST)
-        if bias is not None:
-            y = y + b.astype(jnp.float32)
-        if relu:
-            y = jnp.where(y < 0, 0.0, y)  # keeps NaN, as the kernels do
-        return y.astype(x.dtype)
+    def elsewhere(x, packed, b):  # the plan's dense kernel, as one 1 x P image
+        kernel = plan.unpack(packed).reshape(1, 1, filt.in_channels, filt.out_channels)
+        y = dense_conv_nhwc(x.reshape(1, 1, math.prod(x.shape[:-1]), filt.in_channels), kernel, b, strides=(1, 1),
+                            padding=((0, 0), (0, 0)), dilation=(1, 1), relu=relu)
+        return y.reshape(out_shape)
 
     if x.size == 0 or filt.out_channels == 0:
         return elsewhere(x, packed, b)

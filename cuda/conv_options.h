@@ -9,11 +9,13 @@ namespace jaxsparse {
 
 // "auto" lets the planner choose; the others force a family where it applies.
 // kStaged is the tiled kernel with the block's filter rows staged in shared memory;
-// kCluster the tiled kernel with Cin-chunked windows summed across a thread-block cluster.
+// kCluster the tiled kernel with Cin-chunked windows summed across a thread-block cluster;
+// kHalfWin the tiled kernel with bf16/f16 windows kept at half width.
 enum class KernelFamily : int {
-  kAuto = 0, kDirect = 1, kSpmm = 2, kNaive = 3, kRowBucket = 4, kStaged = 5, kCluster = 6
+  kAuto = 0, kDirect = 1, kSpmm = 2, kNaive = 3, kRowBucket = 4, kStaged = 5, kCluster = 6,
+  kHalfWin = 7
 };
-constexpr int64_t kKernelFamilyCount = 7;
+constexpr int64_t kKernelFamilyCount = 8;
 
 // lax.Precision's values. HIGHEST forbids TF32 for float32 inputs.
 enum class Precision : int { kDefault = 0, kHigh = 1, kHighest = 2 };

@@ -27,10 +27,11 @@ from jax import lax
 
 # Kernel families per platform. "auto" lets the native planner choose; the
 # others force a family. Codes are the FFI attribute values (cuda/ffi/sparse_conv_args.h).
-KERNEL_CODES = {"auto": 0, "direct": 1, "spmm": 2, "naive": 3, "rowbucket": 4, "staged": 5, "cluster": 6}
+KERNEL_CODES = {"auto": 0, "direct": 1, "spmm": 2, "naive": 3, "rowbucket": 4, "staged": 5, "cluster": 6,
+                "halfwin": 7}
 PLATFORM_KERNELS = {
     "cpu": ("auto",),
-    "cuda": ("auto", "direct", "spmm", "naive", "rowbucket", "staged", "cluster"),
+    "cuda": ("auto", "direct", "spmm", "naive", "rowbucket", "staged", "cluster", "halfwin"),
 }
 KERNEL_ENV = "JAXSPARSE_KERNEL"            # Python-side default kernel, read at trace time
 CPU_THREADS_ENV = "JAXSPARSE_CPU_THREADS"  # CPU kernel threads, read at lowering time

@@ -3,10 +3,11 @@
 Every test is marked ``gpu``: conftest skips them without a GPU and fails them
 under ``JAXSPARSE_REQUIRE_CUDA=1``. Each kernel family the dispatcher can pick
 is exercised through the static option ``kernel`` (auto | direct | spmm |
-naive | rowbucket | staged | cluster), here set through its Python-side default
+naive | rowbucket | staged | cluster | halfwin), here set through its Python-side default
 ``JAXSPARSE_KERNEL`` (read at trace time; every helper traces anew), so that
 one context manager covers every call of a test (rowbucket falls back to the
-default choice for geometries it does not accept).
+default choice for geometries it does not accept; halfwin, for bf16/f16 stride-1
+layers only, to the plain tiled kernel elsewhere).
 """
 
 import contextlib
@@ -23,12 +24,12 @@ import jaxsparse
 from jaxsparse import sparse_conv
 from jaxsparse.benchmark import kernel_time_us
 from jaxsparse.options import KERNEL_ENV
-from helpers import (DTYPES, check_close, check_fused_relu_keeps_nan, draw_conv_geometry, filter_with_empty_rows,
+from helpers import (DTYPES, RTOL, check_close, check_fused_relu_keeps_nan, draw_conv_geometry, filter_with_empty_rows,
                      random_input, ref_conv)
 
 pytestmark = pytest.mark.gpu
 
-FAMILIES = ("auto", "direct", "naive", "rowbucket", "staged", "cluster")
+FAMILIES = ("auto", "direct", "naive", "rowbucket", "staged", "cluster", "halfwin")
 
 
 @contextlib.contextmanager
@@ -174,7 +175,7 @@ def test_1x1(family, dtype, batch, hw, cin, cout, stride):
     ("conv5_1", 2, 14, 512, 512, 0.9),
     ("conv5_1-98", 1, 14, 512, 512, 0.98),
 ])
-@pytest.mark.parametrize("family", ("auto", "staged", "cluster"))
+@pytest.mark.parametrize("family", ("auto", "staged", "cluster", "halfwin"))
 def test_vgg_layers(family, dtype, name, batch, hw, cin, cout, sparsity):
     rng = np.random.default_rng(hash(name) % 2**31)
     dt = DTYPES[dtype]
@@ -187,7 +188,7 @@ def test_vgg_layers(family, dtype, name, batch, hw, cin, cout, sparsity):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("batch", [1, 50])
 @pytest.mark.parametrize("width", [3, 4, 5])
-@pytest.mark.parametrize("family", ("auto", "staged", "cluster"))
+@pytest.mark.parametrize("family", ("auto", "staged", "cluster", "halfwin"))
 def test_sentence_cnn(family, dtype, batch, width):
     rng = np.random.default_rng(width + batch)
     dt = DTYPES[dtype]
@@ -212,7 +213,7 @@ DLMC_CASES = [  # layer, input hw, stride
 
 @pytest.mark.parametrize("sparsity", [0.8, 0.9, 0.95, 0.98])
 @pytest.mark.parametrize("layer,hw,stride", DLMC_CASES)
-@pytest.mark.parametrize("family", ("auto", "staged", "cluster"))
+@pytest.mark.parametrize("family", ("auto", "staged", "cluster", "halfwin"))
 def test_dlmc_patterns(dlmc_root, family, layer, hw, stride, sparsity):
     path = jaxsparse.dlmc.dlmc_path(layer, sparsity, dlmc_root)
     if not path.is_file():
@@ -301,30 +302,34 @@ def test_malformed_filter_is_poisoned(family, ksize, case):
     rng = np.random.default_rng(11)
     cin, cout = 8, 40  # three row-bucket groups of 16 (the last one partial)
     taps = int(np.prod(ksize)) * cin
-    f = jaxsparse.random_filter(3, ksize, cin, cout, 0.5)
+    dt = np.dtype(jnp.bfloat16) if family == "halfwin" else np.dtype(np.float32)  # halfwin: 2-byte types only
+    f = jaxsparse.random_filter(3, ksize, cin, cout, 0.5, dtype=dt)
     indices, indptr = np.array(f.indices), np.array(f.indptr)
     assert np.all(np.diff(indptr) > 0), "every row needs an entry to break"
     MALFORMED[case](indices, indptr, taps)
     bad = jaxsparse.SparseFilter(f.data, jnp.asarray(indices), jnp.asarray(indptr),
                                  kernel_size=ksize, in_channels=cin, out_channels=cout,
                                  validate=False)
-    x = gpu_put(random_input(rng, (2, 9, 9, cin)))
-    bias = gpu_put(random_input(rng, (cout,)))
+    x = gpu_put(random_input(rng, (2, 9, 9, cin), dt))
+    bias = gpu_put(random_input(rng, (cout,), dt))
     with kernel_family(family):
-        out = np.asarray(jax.jit(lambda x, f, b: sparse_conv(x, f, bias=b, activation="relu"))(x, bad, bias))
+        out = jax.jit(lambda x, f, b: sparse_conv(x, f, bias=b, activation="relu"))(x, bad, bias)
+        out = np.asarray(out, np.float64)
     must, may = poisoned_channels(indices, indptr, taps, cout, group=16 if family == "rowbucket" else None)
     assert must.any()
     nan = np.isnan(out).reshape(-1, cout)
     assert nan[:, must].all(), "malformed rows must be NaN at every pixel (through ReLU too)"
     kernel = semantic_reference(np.asarray(x), np.asarray(f.data, np.float64), indices, indptr,
                                 ksize, cin, cout)
-    ref = ref_conv(np.asarray(x), kernel, padding="SAME", bias=np.asarray(bias), relu=True)
-    scale = ref_conv(np.asarray(x), kernel, padding="SAME", bias=np.asarray(bias), absolute=True)
+    xf, bf = np.asarray(x, np.float64), np.asarray(bias, np.float64)
+    ref = ref_conv(xf, kernel, padding="SAME", bias=bf, relu=True)
+    scale = ref_conv(xf, kernel, padding="SAME", bias=bf, absolute=True)
+    rtol = 1e-5 if dt == np.float32 else RTOL[dt]
     for r in np.flatnonzero(~must):
         if may[r] and nan[:, r].all():
             continue  # poisoned with its row-bucket group
         assert not nan[:, r].any(), f"row {r} is well formed"
-        assert np.all(np.abs(out[..., r] - ref[..., r]) <= 1e-5 * scale[..., r] + 1e-30), r
+        assert np.all(np.abs(out[..., r] - ref[..., r]) <= rtol * scale[..., r] + 1e-30), r
 
 
 def test_filter_grad_poisons_out_of_range_columns():
@@ -411,3 +416,32 @@ def test_cluster_family_runs_and_is_deterministic(name, batch, hw, cin, cout, ks
     check_close(first, x, np.asarray(f.todense()), padding="SAME")
     for _ in range(3):
         np.testing.assert_array_equal(np.asarray(fn(x, f)), first)
+
+
+# ---- half-width family: it really runs (bf16/f16), with and without the shifted copy ----
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("name,batch,hw,cin,cout,ksize,dilation", [
+    ("conv3_2", 1, 28, 256, 256, (3, 3), 1),   # odd tap offsets: the shifted copy
+    ("dilated2", 2, 13, 24, 40, (3, 3), 2),    # even tap offsets only: no copy
+    ("dilated3-odd", 1, 11, 37, 21, (3, 3), 3),  # Cin not a multiple of 8: scalar fill
+    ("r50g1red", 2, 14, 256, 64, (1, 1), 1),   # SpMM form
+    ("kim-w5", 3, 1, 300, 100, (1, 5), 1),     # sentence CNN, VALID
+])
+def test_halfwin_family_runs(dtype, name, batch, hw, cin, cout, ksize, dilation):
+    rng = np.random.default_rng(sum(map(ord, name)))
+    dt = DTYPES[dtype]
+    f = jaxsparse.random_filter(6, ksize, cin, cout, 0.9, dtype=dt)
+    width = 56 if name == "kim-w5" else hw
+    x = gpu_put(random_input(rng, (batch, hw, width, cin), dt))
+    padding = "VALID" if name == "kim-w5" else "SAME"
+    bias = jnp.asarray(rng.standard_normal(cout).astype(dt))
+    fn = jax.jit(lambda x, f, b: sparse_conv(x, f, bias=b, activation="relu", padding=padding,
+                                             rhs_dilation=dilation, kernel="halfwin"))
+    names = list(kernel_time_us(fn, x, f, bias, calls=2)["kernels"])
+    # The variant is a template argument of the tiled kernel: (jaxsparse::tiled::Variant)3.
+    assert any("Variant)3" in k for k in names), names
+    shape = out_shape(x.shape, f, 1, padding, dilation)
+    poison_allocator(shape, dt)
+    check_close(fn(x, f, bias), x, np.asarray(f.todense(), np.float32).astype(dt), bias=bias, relu=True,
+                padding=padding, rhs_dilation=dilation)

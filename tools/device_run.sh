@@ -12,7 +12,8 @@
 #   peers tc tc_bench auto_check nn sharding_gpu (a machine of 2+ GPUs) train_kim
 # and "bundle" (tar everything under $OUT into all.tgz: at most 8 files come back).
 # Other knobs:
-#   NCU_LAYER, NCU_FAMILIES, NCU_B1_ONLY, NCU_SOURCE (a family: its per-instruction SASS counts)
+#   NCU_LAYER, NCU_FAMILIES, NCU_DTYPE, NCU_B1_ONLY, NCU_B32_FAMILIES (profiled one launch each),
+#   NCU_SOURCE (a family: its per-instruction SASS counts)
 #   PYTEST_ARGS   extra pytest arguments for the GPU tests (e.g. "-k vgg")
 #   BENCH_ARGS    arguments for experiments/layer_benchmark.py
 #   BENCH_TIMEOUT seconds for the benchmark (default 300)
@@ -68,9 +69,9 @@ fi
 
 if has sanitize; then
   export XLA_PYTHON_CLIENT_ALLOCATOR=platform
-  # kns matches a substring of the kernel name: the tiled (plain, staged and cluster) and naive kernels
+  # kns matches a substring of the kernel name: the tiled (plain, staged, cluster, half-width) and naive kernels
   # contain "SparseConv", the opt-in row-bucketed ones "RowBucket" (checked in their own pass).
-  DEFAULT_CASES="direct3x3_f32 direct3x3_bf16 direct_s2_f16 kim_w5_f32 spmm1x1_f32 spmm1x1_bf16 proj1x1_s2_f32 naive3x3_f32 staged3x3_f32 staged_s2_bf16 staged1x1_f32 staged1x1_f16 staged_kim_w3_f32 cluster3x3_f32 cluster_s2_bf16 cluster_odd_f16 cluster1x1_f32 cluster1x1_bf16 cluster_kim_w5_f32 malformed"
+  DEFAULT_CASES="direct3x3_f32 direct3x3_bf16 direct_s2_f16 kim_w5_f32 spmm1x1_f32 spmm1x1_bf16 proj1x1_s2_f32 naive3x3_f32 staged3x3_f32 staged_s2_bf16 staged1x1_f32 staged1x1_f16 staged_kim_w3_f32 cluster3x3_f32 cluster_s2_bf16 cluster_odd_f16 cluster1x1_f32 cluster1x1_bf16 cluster_kim_w5_f32 halfwin3x3_bf16 halfwin_odd_f16 halfwin1x1_bf16 halfwin_kim_w5_f16 malformed"
   PASSES=${SANITIZE_PASSES:-"SparseConv RowBucket TensorCore"}
   for pass in "SparseConv:$DEFAULT_CASES" "RowBucket:rowbucket3x3_f32 rowbucket3x5_bf16 malformed" \
               "TensorCore:tc_bf16 tc_f16_odd tc_tf32 tc_empty_rows tc_staged_bf16"; do
@@ -140,13 +141,17 @@ if has ncu; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
   SECTIONS="--section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats --section SchedulerStats --section MemoryWorkloadAnalysis --section InstructionStats"
   run_step ncu_b1 ${NCU_TIMEOUT:-60} $NCU --clock-control none -k "regex:RowBucket|SparseConv" $SECTIONS python3 tools/ncu_layer.py \
-    --families=${NCU_FAMILIES:-auto,rowbucket} --layer=${NCU_LAYER:-conv3_2}
+    --families=${NCU_FAMILIES:-auto,rowbucket} --layer=${NCU_LAYER:-conv3_2} --dtype=${NCU_DTYPE:-float32}
   if [ -n "${NCU_SOURCE:-}" ]; then  # per-SASS-instruction counts and stall samples of one launch
     run_step ncu_source 90 $NCU --clock-control none -k "regex:SparseConv" --launch-skip 1 --launch-count 1 \
       --section SourceCounters --section WarpStateStats --page source --print-source sass --csv python3 tools/ncu_layer.py \
-      --families=${NCU_SOURCE} --layer=${NCU_LAYER:-conv3_2}
+      --families=${NCU_SOURCE} --layer=${NCU_LAYER:-conv3_2} --dtype=${NCU_DTYPE:-float32}
   fi
-  [ -n "${NCU_B1_ONLY:-}" ] || run_step ncu_b32 40 $NCU --clock-control none -k "regex:SparseConv" --launch-skip 1 --launch-count 1 $SECTIONS python3 tools/ncu_layer.py --families=auto --batch=32
+  # Launches alternate warm-up, run per family: skip the first warm-up, profile every one after it.
+  B32_FAMS=${NCU_B32_FAMILIES:-auto}
+  [ -n "${NCU_B1_ONLY:-}" ] || run_step ncu_b32 ${NCU_B32_TIMEOUT:-60} $NCU --clock-control none -k "regex:SparseConv" --launch-skip 1 \
+    --launch-count $(( 2 * $(echo "$B32_FAMS" | tr ',' '\n' | wc -l) - 1 )) $SECTIONS python3 tools/ncu_layer.py \
+    --families=$B32_FAMS --batch=32 --layer=${NCU_LAYER:-conv3_2} --dtype=${NCU_DTYPE:-float32}
   unset XLA_PYTHON_CLIENT_PREALLOCATE
 fi
 has sweep_vgg_b1 && run_step sweep_vgg_b1 270 python3 experiments/sweep.py --model=vgg16 --layers=$VGG_B1 --batch=1 \

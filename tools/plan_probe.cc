@@ -1,4 +1,4 @@
-// Prints the tiled planner's choice (plain, staged, cluster) for the benchmark layers,
+// Prints the tiled planner's choice (plain and cluster for float32, plain and half-width for bf16) for the benchmark layers,
 // on the host with the H200's limits, without a GPU:
 //   g++ -O2 -std=c++17 -I cuda -x c++ cuda/gpu/tiled_plan.cu tools/plan_probe.cc -o /tmp/plan_probe
 #include <cstdio>
@@ -29,14 +29,16 @@ ConvGeometry Layer(int64_t batch, int64_t hw, int64_t cin, int64_t cout, int64_t
 
 void Print(const char* name, const ConvGeometry& g) {
   const DeviceLimits limits;
-  for (Variant v : {Variant::kPlain, Variant::kCluster}) {
-    const Plan p = ChooseTilePlan(g, 4, limits, v);
-    if (!p.ok) { std::printf("%-14s %-7s no plan\n", name, v == Variant::kPlain ? "plain" : "cluster"); continue; }
+  struct Case { Variant v; int elem_bytes; const char* label; };
+  for (const Case c : {Case{Variant::kPlain, 4, "plain"}, Case{Variant::kCluster, 4, "cluster"},
+                       Case{Variant::kPlain, 2, "plain16"}, Case{Variant::kHalfWindow, 2, "half16"}}) {
+    const Plan p = ChooseTilePlan(g, c.elem_bytes, limits, c.v);
+    if (!p.ok) { std::printf("%-14s %-7s no plan\n", name, c.label); continue; }
     const TileArgs& a = p.args;
-    std::printf("%-14s %-7s blocks %6lld tile %3dx%-3d P %d groups %3d x %3d rows  chunks %d x %4d ch  smem %3d KB  cost %.0f\n",
-                name, v == Variant::kPlain ? "plain" : "cluster", static_cast<long long>(p.blocks), a.tile_h,
-                a.tile_w, p.pixels_per_thread, a.groups, a.rows_per_group, a.cin_chunks, a.cin_chunk,
-                p.smem_bytes / 1024, p.cost);
+    std::printf("%-14s %-7s blocks %6lld tile %3dx%-3d P %d groups %3d x %3d rows  chunks %d x %4d ch  smem %3d KB"
+                "  copy %d  cost %.0f\n",
+                name, c.label, static_cast<long long>(p.blocks), a.tile_h, a.tile_w, p.pixels_per_thread,
+                a.groups, a.rows_per_group, a.cin_chunks, a.cin_chunk, p.smem_bytes / 1024, a.half_copy > 0, p.cost);
   }
 }
 
@@ -48,6 +50,8 @@ int main() {
     Print("conv3_2", Layer(b, 56, 256, 256, 3, 0.1));
     Print("conv4_2", Layer(b, 28, 512, 512, 3, 0.1));
     Print("conv5_1", Layer(b, 14, 512, 512, 3, 0.1));
+    Print("conv1_2", Layer(b, 224, 64, 64, 3, 0.1));
+    Print("conv2_2", Layer(b, 112, 128, 128, 3, 0.1));
     Print("r50 g1 red", Layer(b, 56, 256, 64, 1, 0.1));
     Print("r50 g1 exp", Layer(b, 56, 64, 256, 1, 0.1));
     Print("r50 g2 red", Layer(b, 28, 512, 128, 1, 0.1));

@@ -39,8 +39,13 @@ CASES = {  # name: family, batch, h, w, cin, cout, kernel, stride, padding, dtyp
     "cluster1x1_f32": ("cluster", 1, 7, 7, 512, 128, (1, 1), 1, "VALID", np.float32),
     "cluster1x1_bf16": ("cluster", 2, 14, 14, 256, 64, (1, 1), 1, "VALID", jnp.bfloat16),
     "cluster_kim_w5_f32": ("cluster", 2, 1, 56, 300, 100, (1, 5), 1, "VALID", np.float32),
+    # Half-width windows (bf16/f16): shifted copy, odd Cin (scalar fill), SpMM form, sentence CNN.
+    "halfwin3x3_bf16": ("halfwin", 1, 14, 14, 64, 64, (3, 3), 1, "SAME", jnp.bfloat16),
+    "halfwin_odd_f16": ("halfwin", 2, 7, 9, 37, 21, (3, 3), 1, "SAME", np.float16),
+    "halfwin1x1_bf16": ("halfwin", 2, 14, 14, 256, 64, (1, 1), 1, "VALID", jnp.bfloat16),
+    "halfwin_kim_w5_f16": ("halfwin", 2, 1, 56, 300, 100, (1, 5), 1, "VALID", np.float16),
 }
-MALFORMED_FAMILIES = ("direct", "naive", "rowbucket", "staged", "cluster")
+MALFORMED_FAMILIES = ("direct", "naive", "rowbucket", "staged", "cluster", "halfwin")
 TC_CASES = {  # the tensor-core 1x1 kernel (tc_conv1x1): batch, h, w, cin, cout, sparsity, dtype
     "tc_bf16": (2, 7, 9, 64, 40, 0.9, jnp.bfloat16),  # partial last group, pixel tail
     "tc_f16_odd": (1, 5, 5, 37, 21, 0.7, np.float16),  # Cin not a vector multiple: scalar staging
@@ -70,9 +75,9 @@ def run_tc_case(name):
     print(name, out.shape, float(jnp.abs(out.astype(jnp.float32)).mean()), flush=True)
 
 
-def malformed(variant):
+def malformed(variant, dtype):
     """A 3x3 24->40 filter with out-of-range columns and swapped pointers, or a last pointer past nnz."""
-    f = jaxsparse.random_filter(2, (3, 3), 24, 40, 0.5)
+    f = jaxsparse.random_filter(2, (3, 3), 24, 40, 0.5, dtype=dtype)
     ind, ptr = np.array(f.indices), np.array(f.indptr)
     if variant == "columns_and_disorder":
         ind[ptr[1]], ind[ptr[20]] = 10**6, -3
@@ -84,11 +89,12 @@ def malformed(variant):
 
 
 def run_malformed():
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 9, 11, 24)), np.float32)
     for fam in MALFORMED_FAMILIES:
+        dt = jnp.bfloat16 if fam == "halfwin" else np.float32  # the half-width kernel is bf16/f16 only
+        x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 9, 11, 24)), np.float32).astype(dt)
         for variant in ("columns_and_disorder", "last_pointer_past_nnz"):
-            out = jax.jit(lambda x, f: sparse_conv(x, f, activation="relu", kernel=fam))(x, malformed(variant))
-            nan_rows = np.isnan(np.asarray(out)).reshape(-1, 40).all(0)
+            out = jax.jit(lambda x, f: sparse_conv(x, f, activation="relu", kernel=fam))(x, malformed(variant, dt))
+            nan_rows = np.isnan(np.asarray(out, np.float32)).reshape(-1, 40).all(0)
             print("malformed", fam, variant, "NaN rows:", np.flatnonzero(nan_rows).tolist(), flush=True)
 
 

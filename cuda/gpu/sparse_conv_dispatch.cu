@@ -3,7 +3,7 @@
 // kAuto: 1x1 stride-1 unpadded convolutions (ResNet bottleneck reduce/expand) go
 // to the SpMM configuration, everything else (KxK, strided 1x1 projections) to
 // the direct tiled kernel, in its cluster variant where the plain plan's tile is
-// tiny (PreferClusterVariant); the tile shape, pixels per thread and the split of
+// tiny, for bf16/f16 in its half-width variant where that plans cheaper (AutoVariant); the tile shape, pixels per thread and the split of
 // output channels over blocks are chosen by a cost model from shape, nnz and
 // batch (tiled_plan.cu). Shapes whose smallest input window does not fit in
 // shared memory fall back to the naive kernel.
@@ -14,8 +14,9 @@
 // kRowBucket (the experimental row-bucketed kernel) takes the geometries it
 // accepts, kStaged runs the tiled kernel with staged filter rows (SpMM for 1x1
 // stride-1 unpadded, else direct), kCluster the tiled kernel with Cin-chunked windows
-// reduced across a thread-block cluster (same split). Where a forced family does not
-// fit, the kAuto choice runs.
+// reduced across a thread-block cluster (same split), kHalfWin the tiled kernel with
+// bf16/f16 windows kept at half width (stride-1 tiles only; same split). Where a forced
+// family does not fit, the plain tiled kernel (or, failing that, the naive one) runs.
 #include "gpu/sparse_conv_kernels.h"
 #include "gpu/sparse_conv_launch.h"
 
@@ -45,15 +46,15 @@ cudaError_t LaunchSparseConv(cudaStream_t stream, const ConvGeometry& g, Element
   if (options.kernel == KernelFamily::kNaive) return LaunchSparseConvNaive(stream, g, type, operands);
   if (const size_t need = RowBucketBytes(g, type, options); need > 0 && workspace_bytes >= need)
     return LaunchSparseConvRowBucket(stream, g, type, operands, workspace, workspace_bytes);
-  // The staged or cluster variant where it is asked for and fits, else the plain tiled kernel.
+  // The staged, cluster or half-width variant where it is asked for and fits, else the plain
+  // tiled kernel.
   using tiled::Variant;
-  Variant asked = options.kernel == KernelFamily::kStaged    ? Variant::kStaged
-                  : options.kernel == KernelFamily::kCluster ? Variant::kCluster
-                                                             : Variant::kPlain;
+  Variant asked = options.kernel == KernelFamily::kStaged        ? Variant::kStaged
+                  : options.kernel == KernelFamily::kCluster     ? Variant::kCluster
+                  : options.kernel == KernelFamily::kHalfWin  ? Variant::kHalfWindow
+                                                                 : Variant::kPlain;
   if (options.kernel == KernelFamily::kAuto) {
-    bool prefer = false;
-    if (cudaError_t e = PreferClusterVariant(g, type, IsSpmm1x1(g), &prefer); e != cudaSuccess) return e;
-    if (prefer) asked = Variant::kCluster;
+    if (cudaError_t e = AutoVariant(g, type, IsSpmm1x1(g), &asked); e != cudaSuccess) return e;
   }
   for (const Variant variant : {asked, Variant::kPlain}) {
     bool fits = false;

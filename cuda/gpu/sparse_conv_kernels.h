@@ -37,10 +37,12 @@ cudaError_t LaunchSparseConvRowBucket(cudaStream_t stream, const ConvGeometry& g
                                       const SparseConvOperands& operands, void* workspace,
                                       size_t workspace_bytes);
 
-// Whether kAuto takes the cluster variant: where the plain plan's tile has fewer than
-// kClusterBelowPixels output pixels (an all-Cin window too large for more).
+// The tiled variant kAuto takes: cluster where the plain plan's tile has fewer than
+// kClusterBelowPixels output pixels (an all-Cin window too large for more); else, for
+// bf16/f16, the half-width window where the cost model rates its plan cheaper without
+// splitting the work over more blocks; else plain. `spmm`: plan the 1x1 SpMM form.
 constexpr int kClusterBelowPixels = 8;
-cudaError_t PreferClusterVariant(const ConvGeometry& g, ElementType type, bool spmm, bool* prefer);
+cudaError_t AutoVariant(const ConvGeometry& g, ElementType type, bool spmm, tiled::Variant* variant);
 
 // Whether the tiled kernels have a plan that fits this device's shared memory.
 bool IsSpmm1x1(const ConvGeometry& g);

@@ -27,6 +27,7 @@ struct TileConfig {
   static constexpr bool kAffinePixels = kAffine;
   static constexpr bool kStaged = kVariant == Variant::kStaged;    // filter rows staged in shared memory
   static constexpr bool kCluster = kVariant == Variant::kCluster;  // Cin chunks summed across a cluster
+  static constexpr bool kHalf = kVariant == Variant::kHalfWindow;   // 2-byte window, pixel pairs
   static constexpr int kWarpsPerBlock = kWarps;
   static constexpr int kThreadsPerBlock = kThreads;
   // 16-byte vector of the element type, used to fill the input window.
@@ -37,7 +38,31 @@ struct TileConfig {
   static_assert(sizeof(int2) == 8 && kMetaBytes == kWarpsPerBlock * 32 * 8, "metadata staging size");
   static_assert(kMetaBytes % 16 == 0, "the staged rows after the per-warp metadata must stay 16-byte aligned");
   static_assert(!(kStaged && kCluster), "one variant at a time");
+  static_assert(!kHalf || (sizeof(T) == 2 && kAffine && kP >= 2),
+                "half-width windows: bf16/f16, stride-1 virtual pixels, whole pixel pairs");
 };
+
+// A tap's window offset (in elements of the window) as the byte offset the inner loop adds
+// to a lane's pixel address (one integer add per load, no scaling). Half-width variant: the
+// offset of a 32-bit word; even offsets read the window itself, odd ones the copy shifted
+// by one element, where element o + v of the window sits at the even index half_copy + o - 1 + v.
+template <class Config>
+__device__ __forceinline__ int ByteOffset(const TileArgs& a, int offset) {
+  if constexpr (Config::kHalf) return 2 * ((offset & 1) ? a.half_copy + offset - 1 : offset);
+  return 4 * offset;
+}
+
+// The two 2-byte values of a 32-bit shared word as float32 (low half first).
+template <typename T>
+__device__ __forceinline__ float2 UnpackPair(uint32_t w);
+template <>
+__device__ __forceinline__ float2 UnpackPair<__nv_bfloat16>(uint32_t w) {
+  return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
+}
+template <>
+__device__ __forceinline__ float2 UnpackPair<__half>(uint32_t w) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&w));
+}
 
 // Decodes filter column `c` into its offset in the shared input window (channel-major,
 // pre-scaled by the window's strides). False for a column outside [0, taps).
@@ -66,6 +91,92 @@ __device__ __forceinline__ bool DecodeColumnInChunk(const TileArgs& a, int c, in
   return true;
 }
 
+// Half-width variant: the input window as the input's own 2-byte elements, channel-major
+// [ci][row][col] with zero padding, the gaps and the slack zeroed, then (when planned) the
+// copy shifted by one element (tiled_plan.h). Ends before the caller's barrier.
+template <class Config>
+__device__ __forceinline__ void FillHalfWindow(const TileArgs& a, const typename Config::Element* xn,
+                                               uint16_t* w, int win, int ih0, int iw0, int cin_n, int ci_lo) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int len = a.half_copy ? a.half_copy : 2 * a.tile_floats;  // elements of one copy
+  const int chan = a.chan_stride;
+  auto in_offset = [&](int pos, int ci, bool* inb) {  // element offset of (window position, channel)
+    const int t = pos / a.tile_cols, c = pos - t * a.tile_cols;
+    const int ih = ih0 + t, iw = iw0 + c;
+    *inb = ih >= 0 && ih < a.in_h && iw >= 0 && iw < a.in_w;
+    return (static_cast<int64_t>(ih) * a.in_w + iw) * a.in_c + ci_lo + ci;
+  };
+  if (a.vec_fill) {
+    // A warp covers 8 window positions x 4 vectors of 8 channels; 4 loads in flight per thread.
+    constexpr int kFillBatch = 4;
+    const int cinv = cin_n / 8, cvb = (cinv + 3) >> 2;
+    const int units = ((win + 7) >> 3) * cvb;
+    const int p_lo = lane & 7, c_lo = lane >> 3;
+    for (int u0 = warp; u0 < units; u0 += kFillBatch * Config::kWarpsPerBlock) {
+      uint4 f[kFillBatch];
+      int dst[kFillBatch];
+#pragma unroll
+      for (int k = 0; k < kFillBatch; ++k) {
+        const int u = u0 + k * Config::kWarpsPerBlock;
+        const int pb = u / cvb, cb = u - pb * cvb;
+        const int pos = pb * 8 + p_lo, cv = cb * 4 + c_lo;
+        const bool ok = u < units && pos < win && cv < cinv;
+        dst[k] = ok ? cv * 8 * chan + pos : -1;
+        f[k] = make_uint4(0u, 0u, 0u, 0u);
+        bool inb = false;
+        const int64_t off = ok ? in_offset(pos, cv * 8, &inb) : 0;
+        if (inb) f[k] = __ldg(reinterpret_cast<const uint4*>(xn + off));
+      }
+#pragma unroll
+      for (int k = 0; k < kFillBatch; ++k)
+        if (dst[k] >= 0) {
+          const uint32_t v[4] = {f[k].x, f[k].y, f[k].z, f[k].w};
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            w[dst[k] + 2 * i * chan] = static_cast<uint16_t>(v[i] & 0xffffu);
+            w[dst[k] + (2 * i + 1) * chan] = static_cast<uint16_t>(v[i] >> 16);
+          }
+        }
+    }
+  } else {
+    // 32 consecutive channels of one position per warp, 8 positions in flight per thread.
+    constexpr int kFillBatch = 8;
+    const uint16_t* xr = reinterpret_cast<const uint16_t*>(xn);
+    const int cb32 = (cin_n + 31) >> 5;
+    const int units = win * cb32;
+    for (int u0 = warp; u0 < units; u0 += kFillBatch * Config::kWarpsPerBlock) {
+      uint16_t f[kFillBatch];
+      int dst[kFillBatch];
+#pragma unroll
+      for (int k = 0; k < kFillBatch; ++k) {
+        const int u = u0 + k * Config::kWarpsPerBlock;
+        const int pos = u / cb32, ci = (u - pos * cb32) * 32 + lane;
+        const bool ok = u < units && ci < cin_n;
+        dst[k] = ok ? ci * chan + pos : -1;
+        bool inb = false;
+        const int64_t off = ok ? in_offset(pos, ci, &inb) : 0;
+        f[k] = inb ? __ldg(xr + off) : uint16_t{0};
+      }
+#pragma unroll
+      for (int k = 0; k < kFillBatch; ++k)
+        if (dst[k] >= 0) w[dst[k]] = f[k];
+    }
+  }
+  const int gap = chan - win;
+  for (int i = tid; i < cin_n * gap; i += Config::kThreadsPerBlock) {
+    const int ci = i / gap;
+    w[ci * chan + win + (i - ci * gap)] = 0;
+  }
+  for (int i = cin_n * chan + tid; i < len; i += Config::kThreadsPerBlock) w[i] = 0;
+  if (a.half_copy) {
+    __syncthreads();
+    // Word k of the copy holds elements 2k + 1 and 2k + 2 of the window.
+    uint32_t* w32 = reinterpret_cast<uint32_t*>(w);
+    const int words = len >> 1;
+    for (int k = tid; k < words; k += Config::kThreadsPerBlock)
+      w32[words + k] = __funnelshift_r(w32[k], k + 1 < words ? w32[k + 1] : 0u, 16);
+  }
+}
 
 template <class Config>
 __global__ void __launch_bounds__(Config::kThreadsPerBlock)
@@ -124,7 +235,9 @@ TiledSparseConvKernel(TileArgs a, const typename Config::Element* __restrict__ x
   // contiguous bytes per position); the planner picks the channel stride so
   // the transposed shared stores of such a warp hit 32 distinct banks.
   const T* xn = x + static_cast<int64_t>(n) * a.in_h * a.in_w * a.in_c;
-  if (a.vec_fill) {
+  if constexpr (Config::kHalf) {
+    FillHalfWindow<Config>(a, xn, reinterpret_cast<uint16_t*>(tile), win, ih0, iw0, cin_n, ci_lo);
+  } else if (a.vec_fill) {
     constexpr int kFillBatch = 32 / V;
     const int cinv = cin_n / V;
     const int cvb = (cinv + 3) >> 2;
@@ -192,7 +305,7 @@ TiledSparseConvKernel(TileArgs a, const typename Config::Element* __restrict__ x
   }
   // Gaps between channels and the slack after the last one (read only by
   // lanes whose results are discarded) are zeroed so every read is defined.
-  {
+  if constexpr (!Config::kHalf) {
     const int gap = a.chan_stride - win;
     for (int i = tid; i < cin_n * gap; i += Config::kThreadsPerBlock) {
       const int ci = i / gap;
@@ -239,7 +352,8 @@ TiledSparseConvKernel(TileArgs a, const typename Config::Element* __restrict__ x
           const int i = i0 + k * Config::kThreadsPerBlock;
           int offset = 0;
           const bool ok = DecodeColumn(a, c[k], &offset);
-          if (i < count) group_meta[i] = make_int2(ok ? offset : 0, __float_as_int(ok ? w[k] : CUDART_NAN_F));
+          if (i < count)
+            group_meta[i] = make_int2(ok ? ByteOffset<Config>(a, offset) : 0, __float_as_int(ok ? w[k] : CUDART_NAN_F));
         }
       }
     }
@@ -261,11 +375,12 @@ TiledSparseConvKernel(TileArgs a, const typename Config::Element* __restrict__ x
     const int row = r_lo + rl;
     const int q0 = chunk * 32 * P + lane;
 
-    int addr[P];      // tile address of each pixel (mode B)
+    int addr[P];      // byte address in the window of each pixel (mode B)
     int slot[P];      // staging pixel index, -1 if not a real output pixel
 #pragma unroll
     for (int j = 0; j < P; ++j) {
-      const int q = q0 + 32 * j;
+      // Half-width: pixel pairs (2 lane + 64 (j / 2), +1).
+      const int q = Config::kHalf ? chunk * 32 * P + 64 * (j >> 1) + 2 * lane + (j & 1) : q0 + 32 * j;
       int th, ow;
       if constexpr (Config::kAffinePixels) {
         th = q / a.tile_cols; ow = q - th * a.tile_cols;
@@ -276,7 +391,7 @@ TiledSparseConvKernel(TileArgs a, const typename Config::Element* __restrict__ x
         th = q / tw_n; ow = q - th * tw_n;
         const bool valid = q < npix;
         slot[j] = valid ? th * a.tile_w + ow : -1;
-        addr[j] = valid ? th * a.stride_h * a.tile_cols + ow * a.stride_w : 0;
+        addr[j] = valid ? 4 * (th * a.stride_h * a.tile_cols + ow * a.stride_w) : 0;  // bytes
       }
     }
 
@@ -284,24 +399,60 @@ TiledSparseConvKernel(TileArgs a, const typename Config::Element* __restrict__ x
 #pragma unroll
     for (int j = 0; j < P; ++j) acc[j] = 0.0f;
 
-    // Applies one or two decoded (offset, value) pairs to this lane's P pixels.
-    const float* tq = tile + q0;
+    // Applies one or two decoded (byte offset, value) pairs to this lane's P pixels: the
+    // address of a load is a base register plus the pair's offset plus an immediate.
+    // Float32 window: pixels q0 + 32 j; half-width: the words of pixel pairs (tiled_plan.h).
+    const char* window = reinterpret_cast<const char*>(tile);
+    const char* base = window + 4 * (Config::kHalf ? chunk * 16 * P + lane : q0);
+    auto pixel = [&](int off, int j) -> float {  // float32 window: pixel j at byte offset `off`
+      return *reinterpret_cast<const float*>(Config::kAffinePixels ? base + off + 128 * j
+                                                                   : window + addr[j] + off);
+    };
+    auto pixel_pair = [&](int off, int j) -> float2 {  // half-width: pixels 2 j, 2 j + 1
+      if constexpr (Config::kHalf) {
+        return UnpackPair<T>(*reinterpret_cast<const uint32_t*>(base + off + 128 * j));
+      } else {
+        return make_float2(0.0f, 0.0f);  // never called
+      }
+    };
     auto apply_pair = [&](const int4 mm) {
       const float w0 = __int_as_float(mm.y), w1 = __int_as_float(mm.w);
-      float v0[P], v1[P];
+      if constexpr (Config::kHalf) {
+        float2 a0[P / 2], a1[P / 2];
 #pragma unroll
-      for (int j = 0; j < P; ++j) {
-        v0[j] = Config::kAffinePixels ? tq[mm.x + 32 * j] : tile[addr[j] + mm.x];
-        v1[j] = Config::kAffinePixels ? tq[mm.z + 32 * j] : tile[addr[j] + mm.z];
+        for (int j = 0; j < P / 2; ++j) {
+          a0[j] = pixel_pair(mm.x, j);
+          a1[j] = pixel_pair(mm.z, j);
+        }
+#pragma unroll
+        for (int j = 0; j < P / 2; ++j) {
+          acc[2 * j] = fmaf(w1, a1[j].x, fmaf(w0, a0[j].x, acc[2 * j]));
+          acc[2 * j + 1] = fmaf(w1, a1[j].y, fmaf(w0, a0[j].y, acc[2 * j + 1]));
+        }
+      } else {
+        float v0[P], v1[P];
+#pragma unroll
+        for (int j = 0; j < P; ++j) {
+          v0[j] = pixel(mm.x, j);
+          v1[j] = pixel(mm.z, j);
+        }
+#pragma unroll
+        for (int j = 0; j < P; ++j) acc[j] = fmaf(w1, v1[j], fmaf(w0, v0[j], acc[j]));
       }
-#pragma unroll
-      for (int j = 0; j < P; ++j) acc[j] = fmaf(w1, v1[j], fmaf(w0, v0[j], acc[j]));
     };
     auto apply_one = [&](const int2 mm) {
       const float w0 = __int_as_float(mm.y);
+      if constexpr (Config::kHalf) {
 #pragma unroll
-      for (int j = 0; j < P; ++j)
-        acc[j] = fmaf(w0, Config::kAffinePixels ? tq[mm.x + 32 * j] : tile[addr[j] + mm.x], acc[j]);
+        for (int j = 0; j < P / 2; ++j) {
+          const float2 a0 = pixel_pair(mm.x, j);
+          acc[2 * j] = fmaf(w0, a0.x, acc[2 * j]);
+          acc[2 * j + 1] = fmaf(w0, a0.y, acc[2 * j + 1]);
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < P; ++j) acc[j] = fmaf(w0, pixel(mm.x, j), acc[j]);
+      }
     };
 
     bool row_bad = false;   // warp-uniform
@@ -331,7 +482,7 @@ TiledSparseConvKernel(TileArgs a, const typename Config::Element* __restrict__ x
           if (lane < cnt) {
             int offset = 0;
             if (DecodeColumnInChunk(a, __ldg(indices + jb + lane), ci_lo, cin_n, &offset, &keep)) {
-              if (keep) m = make_int2(offset, __float_as_int(LoadAsFloat(values + jb + lane)));
+              if (keep) m = make_int2(ByteOffset<Config>(a, offset), __float_as_int(LoadAsFloat(values + jb + lane)));
             } else {
               lane_bad = true;
             }
@@ -343,7 +494,7 @@ TiledSparseConvKernel(TileArgs a, const typename Config::Element* __restrict__ x
           if (lane < cnt) {
             int offset = 0;
             if (DecodeColumn(a, __ldg(indices + jb + lane), &offset)) {
-              m = make_int2(offset, __float_as_int(LoadAsFloat(values + jb + lane)));
+              m = make_int2(ByteOffset<Config>(a, offset), __float_as_int(LoadAsFloat(values + jb + lane)));
             } else {
               lane_bad = true;
             }
@@ -352,7 +503,7 @@ TiledSparseConvKernel(TileArgs a, const typename Config::Element* __restrict__ x
         }
         __syncwarp();
         int i = 0;
-#pragma unroll 2
+#pragma unroll 4
         for (; i + 1 < cnt; i += 2) apply_pair(meta4[i >> 1]);
         if (i < cnt) apply_one(meta2[i]);
         __syncwarp();
@@ -534,9 +685,26 @@ cudaError_t LaunchTyped(cudaStream_t stream, const Plan& plan, const SparseConvO
   return cudaErrorInvalidConfiguration;
 }
 
+// Half-width variant: bf16/f16, stride-1 tiles, P >= 2 only (the planner's plans).
+template <typename T>
+cudaError_t LaunchHalf(cudaStream_t stream, const Plan& plan, const SparseConvOperands& op) {
+  if constexpr (sizeof(T) == 2) {
+    if (plan.affine) {
+      switch (plan.pixels_per_thread) {
+        case 2: return LaunchConfig<TileConfig<T, 2, true, Variant::kHalfWindow>>(stream, plan, op);
+        case 4: return LaunchConfig<TileConfig<T, 4, true, Variant::kHalfWindow>>(stream, plan, op);
+        case 8: return LaunchConfig<TileConfig<T, 8, true, Variant::kHalfWindow>>(stream, plan, op);
+        default: break;
+      }
+    }
+  }
+  return cudaErrorInvalidConfiguration;
+}
+
 template <typename T>
 cudaError_t LaunchTyped(cudaStream_t stream, const Plan& plan, const SparseConvOperands& op) {
   switch (plan.variant) {
+    case Variant::kHalfWindow: return LaunchHalf<T>(stream, plan, op);
     case Variant::kPlain: return LaunchTyped<T, Variant::kPlain>(stream, plan, op);
     case Variant::kStaged: return LaunchTyped<T, Variant::kStaged>(stream, plan, op);
     case Variant::kCluster: return LaunchTyped<T, Variant::kCluster>(stream, plan, op);
@@ -596,15 +764,26 @@ cudaError_t PlanSparseConvSpmm1x1(const ConvGeometry& g, ElementType type, tiled
   return e;
 }
 
-cudaError_t PreferClusterVariant(const ConvGeometry& g, ElementType type, bool spmm, bool* prefer) {
-  *prefer = false;
+cudaError_t AutoVariant(const ConvGeometry& g, ElementType type, bool spmm, tiled::Variant* variant) {
+  using tiled::Variant;
+  *variant = Variant::kPlain;
   const ConvGeometry planned = spmm ? tiled::AsSpmm(g) : g;
-  tiled::Plan plain, cluster;
-  if (cudaError_t e = tiled::PlanFor(planned, type, tiled::Variant::kPlain, &plain); e != cudaSuccess) return e;
-  if (cudaError_t e = tiled::PlanFor(planned, type, tiled::Variant::kCluster, &cluster); e != cudaSuccess) return e;
+  tiled::Plan plain, other;
+  if (cudaError_t e = tiled::PlanFor(planned, type, Variant::kPlain, &plain); e != cudaSuccess) return e;
+  if (!plain.ok) return cudaSuccess;
   // Measured (NOTES.md, design 5): Cin chunks pay only where the all-Cin window leaves a
   // block fewer than a quarter of a warp's pixel lanes (the 7x7 maps of 2048 channels).
-  *prefer = plain.ok && cluster.ok && plain.args.tile_h * plain.args.tile_w < kClusterBelowPixels;
+  if (plain.args.tile_h * plain.args.tile_w < kClusterBelowPixels) {
+    if (cudaError_t e = tiled::PlanFor(planned, type, Variant::kCluster, &other); e != cudaSuccess) return e;
+    if (other.ok) *variant = Variant::kCluster;
+    return cudaSuccess;
+  }
+  if (type == ElementType::kF32) return cudaSuccess;
+  if (cudaError_t e = tiled::PlanFor(planned, type, Variant::kHalfWindow, &other); e != cudaSuccess) return e;
+  // Measured (NOTES.md, design 6): the half-width window wins where its plan keeps the plain
+  // plan's split of the work or a coarser one; where the cost model spends its cheaper inner
+  // loop on more, smaller blocks (each refilling its window), it loses (VGG conv5_1).
+  if (other.ok && other.cost < plain.cost && other.blocks <= plain.blocks) *variant = Variant::kHalfWindow;
   return cudaSuccess;
 }
 

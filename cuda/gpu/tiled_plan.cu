@@ -18,13 +18,26 @@ int64_t RoundUp(int64_t a, int64_t b) { return CeilDiv(a, b) * b; }
 
 bool FitsInt32(int64_t v) { return v >= 0 && v <= INT32_MAX; }
 
+// Cost of one nonzero for a warp's 32 * P pixels, in SM cycles: the float32 window is
+// bound by shared memory (P wavefronts + half a 16-byte metadata broadcast); the
+// half-width one needs P / 2 wavefronts but issues a conversion per value, so with four
+// schedulers its P / 2 loads + P conversions + P FMAs + the broadcast bound it instead.
+double PerNonzeroCost(int p, bool half) {
+  if (!half) return p + 0.5;
+  return std::max(p / 2.0 + 0.5, (2.5 * p + 1.0) / 4.0);
+}
+
 }  // namespace
 
 Plan ChooseTilePlan(const ConvGeometry& g, int elem_bytes, const DeviceLimits& limits, Variant variant) {
   Plan best;
   const bool staged = variant == Variant::kStaged;
   const bool cluster = variant == Variant::kCluster;
+  const bool half = variant == Variant::kHalfWindow;
   if (cluster && !limits.clusters) return best;
+  if (half && elem_bytes != 2) return best;
+  // Half-width: a copy shifted by one element when a horizontal tap offset can be odd.
+  const int64_t copies = half && g.kernel_w > 1 && g.dilation_w % 2 == 1 ? 2 : 1;
   const int64_t vals[] = {g.batch, g.in_h, g.in_w, g.in_c, g.out_h, g.out_w, g.out_c,
                           g.kernel_h, g.kernel_w, g.stride_h, g.stride_w, g.pad_h_lo,
                           g.pad_w_lo, g.dilation_h, g.dilation_w, g.nnz, g.taps()};
@@ -66,16 +79,19 @@ Plan ChooseTilePlan(const ConvGeometry& g, int elem_bytes, const DeviceLimits& l
   for (int64_t tw : tws) {
     if (tw < 1) continue;
     for (int64_t th : ths) {
-      const int64_t twp = (tw - 1) * g.stride_w + (g.kernel_w - 1) * g.dilation_w + 1;
+      int64_t twp = (tw - 1) * g.stride_w + (g.kernel_w - 1) * g.dilation_w + 1;
       const int64_t tr = (th - 1) * g.stride_h + (g.kernel_h - 1) * g.dilation_h + 1;
       const bool affine = g.stride_w == 1 && (g.stride_h == 1 || th == 1);
+      if (half && !affine) continue;  // pixel pairs need stride-1 virtual pixels
+      if (half) twp = RoundUp(twp, 2);  // even row pitch: row offsets stay even
       const int64_t tpv = affine ? th * twp : th * tw;
-      // Pixels per thread: fewest wavefronts per nonzero over the tile.
+      // Pixels per thread: fewest issue cycles per nonzero over the tile.
       int p_best = 1;
       double p_cost = 1e300;
       for (int p : {1, 2, 4, 8}) {
         if (!affine && p > 2) break;  // mode B keeps one address register per pixel
-        const double c = static_cast<double>(CeilDiv(tpv, 32 * p)) * (p + 0.5);
+        if (half && p < 2) continue;  // one pixel pair at least
+        const double c = static_cast<double>(CeilDiv(tpv, 32 * p)) * PerNonzeroCost(p, half);
         if (c < p_cost - 1e-9) { p_cost = c; p_best = p; }
       }
       const int64_t chunks = CeilDiv(tpv, 32 * p_best);
@@ -84,7 +100,9 @@ Plan ChooseTilePlan(const ConvGeometry& g, int elem_bytes, const DeviceLimits& l
       // 4 channel vectors of V channels, so V * chan must be 8 (mod 32); the
       // scalar fill's warp spans 32 channels, so chan must be odd.
       int64_t chan = tr * twp;
-      if (cin % vec == 0) {
+      if (half) {  // even; 2 (mod 8) keeps the fill's 16-bit stores and reads conflict-free
+        while (chan % 8 != 2) ++chan;
+      } else if (cin % vec == 0) {
         while ((vec * chan) % 32 != 8) ++chan;
       } else if (chan % 2 == 0) {
         ++chan;
@@ -93,7 +111,9 @@ Plan ChooseTilePlan(const ConvGeometry& g, int elem_bytes, const DeviceLimits& l
                          (g.kernel_w - 1) * g.dilation_w;
       if (affine) max_read += chunks * 32 * p_best - 1;
       else max_read += (th - 1) * g.stride_h * twp + (tw - 1) * g.stride_w;
-      const int64_t tile_floats = RoundUp(std::max(cc * chan, max_read + 1), 4);
+      // (Half-width: in 2-byte elements per copy; the 4-byte words of all copies below.)
+      const int64_t window_len = RoundUp(std::max(cc * chan, max_read + 1), half ? 8 : 4);
+      const int64_t tile_floats = half ? copies * window_len / 2 : window_len;
       if (tile_floats * 4 > limits.max_smem_block) continue;
       const int64_t tiles = g.batch * CeilDiv(ho, th) * CeilDiv(wo, tw);
       const double fill = static_cast<double>(cc * tr * twp) * (2.0 / 32.0 + elem_bytes / 64.0);
@@ -118,7 +138,7 @@ Plan ChooseTilePlan(const ConvGeometry& g, int elem_bytes, const DeviceLimits& l
         // Streaming: each task decodes its row per 32 nonzeros behind dependent global loads.
         // Staged: the block decodes its group once; a task only reads shared memory.
         // Cluster: a task applies its chunk's share of the row but scans the whole row.
-        double compute = nnz_g / nchunks * chunks * (p_best + 0.5) +
+        double compute = nnz_g / nchunks * chunks * PerNonzeroCost(p_best, half) +
                          (staged ? nnz_g * 0.5 + static_cast<double>(tasks) * 4.0
                                  : nnz_g / 32.0 * chunks * (cluster ? 14.0 : 10.0) +
                                        static_cast<double>(tasks) * 20.0);
@@ -164,6 +184,7 @@ Plan ChooseTilePlan(const ConvGeometry& g, int elem_bytes, const DeviceLimits& l
           a.ptr_ints = static_cast<int>(ptr_ints);
           a.cin_chunk = static_cast<int>(cc);
           a.cin_chunks = static_cast<int>(nchunks);
+          a.half_copy = copies == 2 ? static_cast<int>(window_len) : 0;
           a.div_cin = FastDiv::Make(static_cast<uint32_t>(cin));
           a.div_kw = FastDiv::Make(static_cast<uint32_t>(g.kernel_w));
         }

@@ -73,6 +73,9 @@ struct TileArgs {
   // vector width when vec_fill), the `cin_chunks` blocks of one tile and group form a
   // thread-block cluster and sum their partial results through distributed shared memory.
   int cin_chunk, cin_chunks;
+  // Half-width variant only: half-element offset of the window's copy shifted by one element
+  // (0: no copy, every tap offset is even). See kHalfWindow below.
+  int half_copy;
   FastDiv div_cin, div_kw;
 };
 
@@ -81,6 +84,7 @@ enum class Variant : int {
   kPlain = 0,    // the window holds all Cin; tasks stream their rows' nonzeros
   kStaged = 1,   // + the block's decoded filter rows staged in shared memory (below)
   kCluster = 2,  // Cin-chunked windows, partial sums reduced across a cluster (below)
+  kHalfWindow = 3,  // bf16/f16 windows kept at half width, two pixels per shared load (below)
 };
 
 struct Plan {
@@ -117,6 +121,15 @@ constexpr double kStagedSlack = 1.5;
 // sum their staged partial results through distributed shared memory in a fixed order
 // (deterministic) and write the NHWC output with bias and ReLU fused. No workspace.
 constexpr int kMaxClusterChunks = 8;  // the portable cluster size
+
+// Half-width variant (bf16/f16 only, stride-1 "affine" tiles): the window keeps the input's
+// own 2-byte elements, so one 32-bit shared load gives a lane two neighbouring pixels and a
+// warp's load serves 64 pixels: half the shared-memory wavefronts per FMA of the float32
+// window (the plain kernel's bound at batch 32), at the price of one conversion per value
+// (float32 accumulation is kept). A lane owns pixel pairs (2 lane + 64 j, +1). A tap offset
+// must be even for the 32-bit load to be aligned: channel stride and row pitch are even,
+// and when a horizontal tap offset can be odd (KW > 1, odd dilation) the window is stored a
+// second time shifted by one element, and odd offsets read that copy.
 
 // Best plan for geometry `g` (already reshaped by the caller for 1x1 SpMM);
 // `elem_bytes` is the element size of x. Returns ok = false when even the

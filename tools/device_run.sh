@@ -13,7 +13,7 @@
 # and "bundle" (tar everything under $OUT into all.tgz: at most 8 files come back).
 # Other knobs:
 #   NCU_LAYER, NCU_FAMILIES, NCU_DTYPE, NCU_B1_ONLY, NCU_B32_FAMILIES (profiled one launch each),
-#   NCU_SOURCE (a family: its per-instruction SASS counts)
+#   NCU_SOURCE (a family: its per-instruction SASS counts; summarise with tools/ncu_hot_loops.py)
 #   PYTEST_ARGS   extra pytest arguments for the GPU tests (e.g. "-k vgg")
 #   BENCH_ARGS    arguments for experiments/layer_benchmark.py
 #   BENCH_TIMEOUT seconds for the benchmark (default 300)

@@ -5,9 +5,13 @@
 groups of 16 (the plan's clustering), each group's union of nonzero input channels
 gathered from shared memory, ``mma.sync`` with float32 accumulation. float32 inputs use
 TF32 products, so ``precision=HIGHEST`` (exact float32) is refused; bfloat16/float16
-products are exact at every precision. Not yet chosen by ``sparse_conv``'s planner, no
-autodiff rule (the packing is differentiable, the kernel call is not). On other
-platforms it computes the plan's dense kernel with XLA (the same result up to rounding).
+products are exact at every precision. `sparse_conv` never chooses it; a
+`jaxsparse.nn.SparseConv` layer holding a plan (`SparseConv.plan_tensor_cores`,
+or `sparsify(policy='auto')` where it times fastest) runs it for the calls
+`tensor_core_ineligible` allows. Differentiable: the derivative is computed by
+XLA from the plan's dense kernel (a custom JVP; the kernel itself has no
+derivative). On other platforms it computes the plan's dense kernel with XLA
+(the same result up to rounding).
 The union semantics differ from ``sparse_conv`` for non-finite inputs: see
 `jaxsparse.tc_plan`.
 """
@@ -61,6 +65,24 @@ def plan_for(filt: SparseFilter) -> TensorCorePlan:
     return plan
 
 
+def tensor_core_ineligible(kernel_size, strides, padding, dtype, precision) -> str | None:
+    """Why a convolution cannot run on `tc_conv1x1` (None: it can): it must be 1x1, stride 1,
+    unpadded (any padding string pads a 1x1 stride-1 convolution by zero), float32, bfloat16
+    or float16, and for float32 at a precision that allows TF32 (not ``HIGHEST``)."""
+    if any(int(k) != 1 for k in kernel_size):
+        return f"kernel_size {tuple(kernel_size)} is not 1x1"
+    if any(int(s) != 1 for s in strides):
+        return f"strides {tuple(strides)} are not 1"
+    if not isinstance(padding, str) and any(int(v) != 0 for pair in padding for v in pair):
+        return f"padding {padding} is not zero"
+    dt = jnp.dtype(dtype)
+    if dt not in map(jnp.dtype, _DTYPES):
+        return f"dtype {dt} is not float32, bfloat16 or float16"
+    if dt == jnp.float32 and options.canonical_precision(precision) == lax.Precision.HIGHEST:
+        return "float32 at precision HIGHEST (tensor cores would use TF32)"
+    return None
+
+
 def _check(x, filt: SparseFilter, plan: TensorCorePlan, bias, precision):
     if not isinstance(filt, SparseFilter):
         raise TypeError(f"filter must be a SparseFilter, got {type(filt).__name__}")
@@ -103,12 +125,25 @@ def tc_conv1x1(x, filt: SparseFilter, plan: TensorCorePlan | None = None, *, bia
         call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(out_shape, x.dtype))
         return call(x, packed, columns, col_offsets, channels, b, relu=np.int64(relu))
 
-    def elsewhere(x, packed, b):  # the plan's dense kernel, as one 1 x P image
+    def elsewhere(x, packed, b, relu=relu):  # the plan's dense kernel, as one 1 x P image
         kernel = plan.unpack(packed).reshape(1, 1, filt.in_channels, filt.out_channels)
         y = dense_conv_nhwc(x.reshape(1, 1, math.prod(x.shape[:-1]), filt.in_channels), kernel, b, strides=(1, 1),
                             padding=((0, 0), (0, 0)), dilation=(1, 1), relu=relu)
         return y.reshape(out_shape)
 
-    if x.size == 0 or filt.out_channels == 0:
-        return elsewhere(x, packed, b)
-    return lax.platform_dependent(x, packed, b, cuda=on_cuda, default=elsewhere)
+    @jax.custom_jvp
+    def apply(x, packed, b):
+        if x.size == 0 or filt.out_channels == 0:
+            return elsewhere(x, packed, b)
+        return lax.platform_dependent(x, packed, b, cuda=on_cuda, default=elsewhere)
+
+    @apply.defjvp
+    def apply_jvp(primals, tangents):
+        # The derivative by XLA from the plan's dense kernel: linear in the tangents (so
+        # reverse mode transposes it), masked by the fused ReLU where it is active.
+        (x, packed, b), (dx, dpacked, db) = primals, tangents
+        y = apply(x, packed, b)
+        dy = elsewhere(dx, packed, db, relu=False) + elsewhere(x, dpacked, jnp.zeros_like(db), relu=False)
+        return y, (jnp.where(y > 0, dy, jnp.zeros_like(dy)) if relu else dy)
+
+    return apply(x, packed, b)

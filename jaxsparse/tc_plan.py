@@ -327,16 +327,47 @@ def tensor_core_plan(f: SparseFilter, rows: int = 16, k_multiple: int = 16) -> T
 
 
 # ---- saving a plan next to its filter ----------------------------------------------
-_PLAN_ARRAYS = ("channels", "columns", "col_offsets", "union_sizes", "positions", "indices", "indptr")
+_LAYOUT_ARRAYS = ("channels", "columns", "col_offsets", "union_sizes", "positions")
+_PATTERN_ARRAYS = ("indices", "indptr")
+_PLAN_ARRAYS = _LAYOUT_ARRAYS + _PATTERN_ARRAYS
+
+
+def plan_arrays(plan: TensorCorePlan, *, pattern: bool = True) -> tuple[dict, dict]:
+    """``(arrays, meta)`` that store a plan: its layout arrays (and, with ``pattern``, the
+    pattern's ``indices``/``indptr``) and its sizes and fingerprint as JSON-able metadata.
+    `plan_from_arrays` is the inverse (`save_plan`, `jaxsparse.nn.save`)."""
+    names = _PLAN_ARRAYS if pattern else _LAYOUT_ARRAYS
+    arrays = {name: np.ascontiguousarray(getattr(plan, name)) for name in names}
+    meta = dict(rows=plan.rows, k_multiple=plan.k_multiple, kernel_size=list(plan.kernel_size),
+                in_channels=plan.in_channels, out_channels=plan.out_channels, fingerprint=plan.fingerprint)
+    return arrays, meta
+
+
+def plan_from_arrays(arrays: dict, meta: dict, where) -> TensorCorePlan:
+    """The plan stored by `plan_arrays`, checked: all arrays present, the pattern matching the
+    stored fingerprint, and the layout's bounds (`TensorCorePlanError` naming ``where``)."""
+    missing = set(_PLAN_ARRAYS) - set(arrays)
+    if missing:
+        raise TensorCorePlanError(f"{where} lacks the plan arrays {sorted(missing)}")
+    arrays = {name: np.asarray(arrays[name]) for name in _PLAN_ARRAYS}
+    kernel_size = tuple(int(k) for k in meta["kernel_size"])
+    found = pattern_fingerprint(arrays["indices"], arrays["indptr"], kernel_size, int(meta["in_channels"]),
+                                int(meta["out_channels"]))
+    if found != meta["fingerprint"]:
+        raise TensorCorePlanError(f"{where}: the stored pattern does not match the plan's fingerprint "
+                                  "(a damaged or edited file)")
+    plan = TensorCorePlan(rows=int(meta["rows"]), k_multiple=int(meta["k_multiple"]), kernel_size=kernel_size,
+                          in_channels=int(meta["in_channels"]), out_channels=int(meta["out_channels"]),
+                          fingerprint=meta["fingerprint"], **arrays)
+    _check_layout(plan, where)
+    return plan
 
 
 def save_plan(plan: TensorCorePlan, path) -> None:
     """Writes ``plan`` to a safetensors file: its arrays, and its sizes and pattern
     fingerprint as metadata. `load_plan` reads it back and checks it."""
     from safetensors.numpy import save_file
-    tensors = {name: np.ascontiguousarray(getattr(plan, name)) for name in _PLAN_ARRAYS}
-    meta = dict(rows=plan.rows, k_multiple=plan.k_multiple, kernel_size=list(plan.kernel_size),
-                in_channels=plan.in_channels, out_channels=plan.out_channels, fingerprint=plan.fingerprint)
+    tensors, meta = plan_arrays(plan)
     save_file(tensors, str(path), metadata={"jaxsparse_tensor_core_plan": json.dumps(meta)})
 
 
@@ -349,21 +380,8 @@ def load_plan(path, filt: SparseFilter | None = None) -> TensorCorePlan:
         raw = (fh.metadata() or {}).get("jaxsparse_tensor_core_plan")
         if raw is None:
             raise TensorCorePlanError(f"{path} holds no jaxsparse tensor-core plan")
-        missing = set(_PLAN_ARRAYS) - set(fh.keys())
-        if missing:
-            raise TensorCorePlanError(f"{path} lacks the plan arrays {sorted(missing)}")
-        arrays = {name: fh.get_tensor(name) for name in _PLAN_ARRAYS}
-    meta = json.loads(raw)
-    kernel_size = tuple(int(k) for k in meta["kernel_size"])
-    found = pattern_fingerprint(arrays["indices"], arrays["indptr"], kernel_size, int(meta["in_channels"]),
-                                int(meta["out_channels"]))
-    if found != meta["fingerprint"]:
-        raise TensorCorePlanError(f"{path}: the stored pattern does not match the plan's fingerprint "
-                                  "(a damaged or edited file)")
-    plan = TensorCorePlan(rows=int(meta["rows"]), k_multiple=int(meta["k_multiple"]), kernel_size=kernel_size,
-                          in_channels=int(meta["in_channels"]), out_channels=int(meta["out_channels"]),
-                          fingerprint=meta["fingerprint"], **arrays)
-    _check_layout(plan, path)
+        arrays = {name: fh.get_tensor(name) for name in fh.keys()}
+    plan = plan_from_arrays(arrays, json.loads(raw), path)
     if filt is not None:
         plan.check(filt)
     return plan

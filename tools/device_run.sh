@@ -176,10 +176,11 @@ done
 # XLA HIGHEST dense and cuSPARSE (BCSR) kernel time in one run.
 has peers && run_step peers ${PEERS_TIMEOUT:-240} python3 tools/peer_bench.py --families=${PEER_FAMILIES:-auto,cluster} \
   --out=$OUT/peers.jsonl
-# Issue 14: the tensor-core 1x1 kernel, its tests (CUDA path) and kernel time against XLA dense.
+# Issue 14: the tensor-core 1x1 kernel, its tests (CUDA path, and through the Flax layer) and kernel
+# time against XLA dense.
 if has tc; then
   start=$(date +%s)
-  (cd "$REPO/tests" && timeout ${TC_TESTS_TIMEOUT:-150} python3 -m pytest -q test_tc_conv.py test_tc_plan.py -p no:cacheprovider) > "$OUT/tests_tc.log" 2>&1
+  (cd "$REPO/tests" && timeout ${TC_TESTS_TIMEOUT:-150} python3 -m pytest -q test_tc_conv.py test_tc_plan.py test_nn_tensor_cores.py -p no:cacheprovider) > "$OUT/tests_tc.log" 2>&1
   note "tests_tc rc=$? ($(( $(date +%s) - start )) s): $(tail -1 "$OUT/tests_tc.log")"
   grep -E "^(FAILED|ERROR)|Error|assert" "$OUT/tests_tc.log" | head -20 | tee -a "$SUMMARY"
 fi

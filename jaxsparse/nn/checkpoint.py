@@ -23,7 +23,11 @@ Loading validates the template against the checkpoint before anything is filled:
   variable is filled from the file: the names must match exactly, and a shape
   or dtype difference of any variable (dense layers, norms, heads) raises,
   naming the variable and both shapes;
-* finally every sparse layer's CSR structure is validated.
+* finally every sparse layer's CSR structure is validated, and a layer saved with
+  a tensor-core plan gets it back: its layout arrays are stored under
+  ``<layer>/tensor_core_plan/<array>`` (the pattern is the layer's own) and are
+  checked against the layer's pattern and the layout's bounds on load
+  (`jaxsparse.TensorCorePlanError` naming the layer).
 
 All of this happens on a clone of the template: with ``inplace=True`` the
 template itself is changed only once every check has passed (a mismatch
@@ -45,6 +49,7 @@ from flax import nnx
 from jaxsparse.nn.graph import get_child, parse_path, path_str, set_by_path
 from jaxsparse.nn.layers import SparseConv, _as_tuple, canonicalize_padding
 from jaxsparse.options import canonical_precision, precision_from_json, precision_to_json
+from jaxsparse.tc_plan import TensorCorePlanError, plan_arrays, plan_from_arrays
 
 FORMAT = "jaxsparse.nn/1"
 
@@ -53,6 +58,8 @@ GEOMETRY_KEYS = ("kernel_size", "in_features", "out_features", "strides", "paddi
                  "use_bias", "dtype", "param_dtype")
 # Options restored from the checkpoint where the template leaves them None.
 OPTION_KEYS = ("precision", "kernel_family")
+# A sparse layer's tensor-core plan: tensors "<layer>/tensor_core_plan/<array>".
+PLAN_DIR = "tensor_core_plan"
 
 
 class CheckpointMismatch(ValueError):
@@ -93,13 +100,18 @@ def dense_conv_config(conv: nnx.Conv) -> dict:
 def save(model, path: str | os.PathLike) -> None:
     """Writes ``model``'s variables and convolution configurations to a safetensors file."""
     from safetensors.flax import save_file
-    sparse, dense = {}, {}
+    sparse, dense, plans = {}, {}, {}
     for p, node in nnx.iter_graph(model):
         if isinstance(node, SparseConv):
             sparse[path_str(p)] = {"config": node.config(), "nnz": node.nnz}
+            if node.tensor_core_plan is not None:
+                arrays, meta = plan_arrays(node.tensor_core_plan, pattern=False)
+                sparse[path_str(p)]["tensor_core_plan"] = meta
+                plans.update({f"{path_str(p)}/{PLAN_DIR}/{k}": jnp.asarray(v) for k, v in arrays.items()})
         elif isinstance(node, nnx.Conv):
             dense[path_str(p)] = dense_conv_config(node)
     tensors = {k: jnp.asarray(v[...]) for k, v in _variables(model).items()}
+    tensors.update(plans)
     save_file(tensors, os.fspath(path), metadata={"format": FORMAT, "sparse_convs": json.dumps(sparse),
                                                   "dense_convs": json.dumps(dense)})
 
@@ -206,6 +218,18 @@ def _fill_variables(model, tensors: dict) -> None:
         var[...] = tensors[key]
 
 
+def _restore_plan(layer: SparseConv, key: str, meta: dict, plan_tensors: dict) -> None:
+    """Attaches the stored tensor-core plan to the loaded ``layer``, checked against its pattern."""
+    prefix = f"{key}/{PLAN_DIR}/"
+    arrays = {k[len(prefix):]: np.asarray(v) for k, v in plan_tensors.items() if k.startswith(prefix)}
+    arrays.update(indices=np.asarray(layer.indices[...]), indptr=np.asarray(layer.indptr[...]))
+    try:
+        plan = plan_from_arrays(arrays, meta, f"the tensor-core plan of {key}")
+        layer.plan_tensor_cores(plan)
+    except (TensorCorePlanError, KeyError, TypeError) as e:
+        raise TensorCorePlanError(f"{key}: the checkpoint's tensor-core plan does not fit the layer: {e}") from e
+
+
 def load(path: str | os.PathLike, template, *, inplace: bool = False):
     """A model with ``template``'s architecture and the checkpoint's sparse layers and values.
 
@@ -227,10 +251,16 @@ def load(path: str | os.PathLike, template, *, inplace: bool = False):
     for key, entry in sparse.items():
         set_by_path(model, parse_path(key), SparseConv.from_structure(entry["config"], entry["nnz"]))
     _restore_dense_precision(model, dense)
-    _fill_variables(model, load_file(os.fspath(path)))
+    tensors = load_file(os.fspath(path))
+    plan_tensors = {k: tensors.pop(k) for k in list(tensors)
+                    if any(k.startswith(f"{key}/{PLAN_DIR}/") for key in sparse)}
+    _fill_variables(model, tensors)
     for _, node in nnx.iter_graph(model):
         if isinstance(node, SparseConv):
             node.sparse_filter  # validates the loaded structure
+    for key, entry in sparse.items():
+        if "tensor_core_plan" in entry:
+            _restore_plan(_template_node(model, key), key, entry["tensor_core_plan"], plan_tensors)
     if not inplace:
         return model
     # Success: move the result into the template (the loaded sparse layers themselves,

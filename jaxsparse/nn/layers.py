@@ -7,6 +7,14 @@ channels-last inputs, any number of leading batch dimensions, promotion to
 * ``self.data``: the nonzero values, an `nnx.Param` (trainable);
 * ``self.indices``, ``self.indptr``: the sparsity structure, `SparseStructure`
   variables (not `nnx.Param`, so optimizers and ``nnx.Param`` filters skip them).
+
+A layer may also hold a `jaxsparse.TensorCorePlan` of its pattern
+(``self.tensor_core_plan``, static: part of the graph definition, not of the
+state; `plan_tensor_cores`, or `sparsify(policy='auto')` where the tensor-core
+kernel times fastest). Calls the plan fits then run `jaxsparse.tc_conv1x1`
+(1x1, stride 1, unpadded, bf16/f16 or float32 at a precision allowing TF32,
+the plan's mma k matching the computed dtype); every other call runs
+`sparse_conv`. `jaxsparse.nn.save` stores the plan with the layer.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from jaxsparse.geometry import (as_static_int, as_static_ints, dilated_size, is_
                                 padding_pairs)
 from jaxsparse.ops import sparse_conv
 from jaxsparse.options import canonical_precision, check_kernel, precision_from_json, precision_to_json
+from jaxsparse.tc_conv import k_multiple_for, plan_for, tc_conv1x1, tensor_core_ineligible
+from jaxsparse.tc_plan import TensorCorePlan, TensorCorePlanError
 
 default_kernel_init = initializers.lecun_normal()
 default_bias_init = initializers.zeros_init()
@@ -177,6 +187,7 @@ class SparseConv(nnx.Module):
         canonical_precision(precision)  # a bad value fails here, not at the first call
         self.precision = precision
         self.kernel_family = None if kernel_family is None else check_kernel(kernel_family)
+        self.tensor_core_plan: TensorCorePlan | None = None
         self.activation = activation
         if activation not in (None, "relu"):
             raise ValueError(f"activation must be None or 'relu', got {activation!r}")
@@ -250,6 +261,24 @@ class SparseConv(nnx.Module):
                     param_dtype=np.dtype(self.param_dtype).name, activation=self.activation,
                     precision=precision_to_json(self.precision), kernel_family=self.kernel_family)
 
+    # ---- tensor cores --------------------------------------------------------------
+    def plan_tensor_cores(self, plan: TensorCorePlan | None = None) -> TensorCorePlan:
+        """Attaches a tensor-core plan of this layer's pattern (built for ``param_dtype``'s
+        mma k unless given) and returns it; see the module docstring. Needs the concrete
+        pattern (not inside a transformation). Raises `TensorCorePlanError` for a plan of
+        another pattern and ``ValueError`` for a layer the plan can never serve."""
+        compute = jnp.dtype(self.param_dtype if self.dtype is None else self.dtype)
+        why = tensor_core_ineligible(self.kernel_size, self.strides, self.padding, compute, self.precision)
+        if why is not None:
+            raise ValueError(f"SparseConv: no tensor-core plan for this layer: {why}")
+        filt = self.sparse_filter.astype(compute)  # the plan's mma k follows the computed dtype
+        plan = plan_for(filt) if plan is None else plan.check(filt)
+        if plan.k_multiple != k_multiple_for(compute):
+            raise TensorCorePlanError(f"the plan has k_multiple={plan.k_multiple}, the layer computes in "
+                                      f"{compute.name} (k_multiple={k_multiple_for(compute)})")
+        self.tensor_core_plan = plan
+        return plan
+
     # ---- views ---------------------------------------------------------------
     @property
     def sparse_filter(self) -> SparseFilter:
@@ -298,17 +327,19 @@ class SparseConv(nnx.Module):
             self.bias[...] if self.use_bias else None, kernel_size=self.kernel_size,
             in_features=self.in_features, out_features=self.out_features, strides=self.strides,
             padding=self.padding, kernel_dilation=self.kernel_dilation, dtype=self.dtype,
-            activation=activation, precision=self.precision, kernel_family=self.kernel_family)
+            activation=activation, precision=self.precision, kernel_family=self.kernel_family,
+            tensor_core_plan=getattr(self, "tensor_core_plan", None))
 
 
 def apply_sparse_conv(inputs, data, indices, indptr, bias, *, kernel_size, in_features, out_features,
                       strides, padding, kernel_dilation, dtype, activation, precision=None,
-                      kernel_family=None):
+                      kernel_family=None, tensor_core_plan=None):
     """The `nnx.Conv`-style call shared by the NNX and Linen layers.
 
     ``padding`` is canonical (`canonicalize_padding`); leading batch dimensions
     are flattened and restored; inputs, values and bias are promoted to ``dtype``
-    (or their common type) as `nnx.Conv` does.
+    (or their common type) as `nnx.Conv` does. With a ``tensor_core_plan`` the calls it
+    fits run `tc_conv1x1` (see the module docstring).
     """
     nd = len(kernel_size)
     batch_dims = inputs.ndim - (nd + 1)
@@ -337,8 +368,13 @@ def apply_sparse_conv(inputs, data, indices, indptr, bias, *, kernel_size, in_fe
     concrete = all(not isinstance(a, jax.core.Tracer) for a in (data, indices, indptr))
     filt = SparseFilter(data, indices, indptr, kernel_size=kernel_size, in_channels=in_features,
                         out_channels=out_features, validate=concrete)
-    y = sparse_conv(inputs, filt, strides=strides, padding=padding, rhs_dilation=kernel_dilation,
-                    bias=bias, activation=activation, precision=precision, kernel=kernel_family)
+    if (tensor_core_plan is not None and tensor_core_plan.k_multiple == k_multiple_for(inputs.dtype)
+            and tensor_core_ineligible(kernel_size, strides, padding, inputs.dtype, precision) is None):
+        # The plan is static; a traced pattern that differs from it is poisoned (NaN) by its packing.
+        y = tc_conv1x1(inputs, filt, tensor_core_plan, bias=bias, activation=activation, precision=precision)
+    else:
+        y = sparse_conv(inputs, filt, strides=strides, padding=padding, rhs_dilation=kernel_dilation,
+                        bias=bias, activation=activation, precision=precision, kernel=kernel_family)
     if batch_dims != 1:
         y = jnp.reshape(y, batch_shape + y.shape[1:])
     return y

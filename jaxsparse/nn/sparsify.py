@@ -10,7 +10,11 @@ compute the same function, so the model's outputs do not depend on the choice:
   dtype and precision and the sparse side with the kernel family that would
   run, and keeps the faster, so a sparsified model is never slower than the
   dense one layer for layer. Where no native sparse kernel exists on the device,
-  sparse counts as unavailable (the densify fallback is never timed). The report
+  sparse counts as unavailable (the densify fallback is never timed). Where the
+  tensor-core kernel can run (a GPU with it, a 1x1 stride-1 layer at a dtype and
+  precision that allow it; `jaxsparse.nn.timing.tensor_core_candidate`) it is
+  timed as a third candidate, and a layer it wins becomes a `SparseConv` holding
+  its tensor-core plan (`SparseConv.plan_tensor_cores`). The report
   keeps how each timing was got (`LayerDecision.dense_check`, ``sparse_check``)
   and flags the layers decided on a fallback timing (one that failed its checks).
 
@@ -39,7 +43,8 @@ from jaxsparse.format import SUPPORTED_DTYPES, magnitude_mask
 from jaxsparse.nn.graph import capture_input_shapes, find_convs, path_str, set_by_path
 from jaxsparse.geometry import dilated_size
 from jaxsparse.nn.layers import SparseConv, layer_geometry
-from jaxsparse.nn.timing import LayerSpec, TimingCache, chain_timer, measured_us, native_sparse_unavailable
+from jaxsparse.nn.timing import (LayerSpec, TimingCache, chain_timer, measured_us, native_sparse_unavailable,
+                                 tensor_core_candidate, tensor_cores_unavailable)
 from jaxsparse.options import canonical_precision, check_kernel
 
 POLICIES = ("sparse", "dense", "auto")
@@ -64,17 +69,22 @@ class LayerDecision:
     reason: str = ""
     dense_check: str | None = None
     sparse_check: str | None = None
+    tensor_core_us: float | None = None  # the tensor-core candidate, where it was timed
+    tensor_core_check: str | None = None
+    tensor_cores: bool = False          # the SparseConv runs the tensor-core kernel
 
     @property
     def on_fallback(self) -> bool:
         """Whether the choice rests on a timing that failed its checks."""
-        return "fallback" in (self.dense_check, self.sparse_check)
+        return "fallback" in (self.dense_check, self.sparse_check, self.tensor_core_check)
 
     @property
     def speedup(self) -> float | None:
-        if self.dense_us is None or self.sparse_us is None or self.sparse_us <= 0:
+        """Dense time over the chosen sparse implementation's."""
+        sparse_us = self.tensor_core_us if self.tensor_cores else self.sparse_us
+        if self.dense_us is None or sparse_us is None or sparse_us <= 0:
             return None
-        return self.dense_us / self.sparse_us
+        return self.dense_us / sparse_us
 
 
 @dataclasses.dataclass
@@ -115,6 +125,9 @@ class SparsifyReport:
         where = f" on {self.device}" if self.device else ""
         line = (f"policy={self.policy}{where}: {counts['sparse']} sparse, {counts['dense']} dense, "
                 f"{counts['unchanged']} unchanged")
+        tensor_cores = [d for d in self.layers if d.tensor_cores]
+        if tensor_cores:
+            line += f"; on tensor cores ({len(tensor_cores)}): {_names(tensor_cores, pruned)}"
         if groups:
             line += "; dense because: " + "; ".join(
                 f"{why} ({len(ds)}): {_names(ds, pruned)}{_slowdown(ds)}" for why, ds in groups.items())
@@ -197,7 +210,8 @@ def _resolve_sparsity(sparsity, convs) -> dict[str, float | None]:
 def sparsify(model, sparsity, *, policy: str = "sparse", sample_input=None,
              input_shapes: tp.Mapping[str, tp.Sequence[int]] | None = None, call=None,
              batch_size: int | None = None, timer=None, cache: TimingCache | str | os.PathLike | bool = True,
-             kernel_family: str | None = None, progress: bool | None = None, inplace: bool = False):
+             kernel_family: str | None = None, tensor_cores: bool | None = None, progress: bool | None = None,
+             inplace: bool = False):
     """Prunes and replaces the `nnx.Conv` layers of ``model``; returns ``(new_model, report)``.
 
     Args:
@@ -218,6 +232,10 @@ def sparsify(model, sparsity, *, policy: str = "sparse", sample_input=None,
         ``JAXSPARSE_CACHE_DIR``) or False (no cache).
       kernel_family: the ``kernel`` option of the new `SparseConv` layers (None:
         `sparse_conv`'s default); 'auto' times the sparse side with it.
+      tensor_cores: for 'auto': also time the tensor-core kernel on the layers it can
+        run (`jaxsparse.nn.timing.tensor_core_candidate`). None: where the device has
+        it and the default timer runs (an injected timer is asked for 'tensorcore'
+        only with True).
       progress: for 'auto': on stderr, where it times and caches, a progress bar
         per layer, then the report's summary (default: on when timing runs, i.e.
         no injected timer).
@@ -245,6 +263,8 @@ def sparsify(model, sparsity, *, policy: str = "sparse", sample_input=None,
                              "layer's input shape")
         if progress is None:
             progress = timer is None
+        if tensor_cores is None:
+            tensor_cores = timer is None and tensor_cores_unavailable() is None
         timer = recorded = _Recorded(timer or chain_timer)
         if cache is True:
             cache = TimingCache()
@@ -275,7 +295,8 @@ def sparsify(model, sparsity, *, policy: str = "sparse", sample_input=None,
         mask = magnitude_mask(kernel, s)
         nnz = int(mask.sum())
         why_not = _unsupported(conv)
-        dense_us = sparse_us = None
+        dense_us = sparse_us = tc_us = None
+        on_tensor_cores = False
         if policy == "auto":
             recorded.clear()
         if why_not is not None:
@@ -285,17 +306,30 @@ def sparsify(model, sparsity, *, policy: str = "sparse", sample_input=None,
         elif policy == "auto":
             spec = _spec(key, conv, shapes, s, batch_size, kernel_family or "auto")
             dense_us, sparse_us = (measured_us(timer(spec, impl))[0] for impl in ("dense", "sparse"))
-            choice, reason = ("sparse", "") if recorded.sparse_faster(dense_us, sparse_us) else ("dense", "dense was faster")
+            best, best_us = "sparse", sparse_us
+            if tensor_cores and tensor_core_candidate(spec):
+                tc_us = measured_us(timer(spec, "tensorcore"))[0]
+                if recorded.faster("tensorcore", tc_us, "sparse", sparse_us):
+                    best, best_us = "tensorcore", tc_us
+            if recorded.faster(best, best_us, "dense", dense_us):
+                choice, reason, on_tensor_cores = "sparse", "", best == "tensorcore"
+            else:
+                choice, reason = "dense", "dense was faster"
         else:
             choice, reason = policy, ""
         if choice == "sparse":
-            set_by_path(new, path, SparseConv.from_dense(conv, mask=mask, kernel_family=kernel_family))
+            layer = SparseConv.from_dense(conv, mask=mask, kernel_family=kernel_family)
+            if on_tensor_cores:
+                layer.plan_tensor_cores()
+            set_by_path(new, path, layer)
         else:
             conv.kernel[...] = jnp.asarray(kernel * mask, conv.kernel.dtype)
         timed = dense_us is not None
         decisions.append(LayerDecision(key, s, nnz, dense_us, sparse_us, choice, reason,
                                        recorded.checks.get("dense", "cached") if timed else None,
-                                       recorded.checks.get("sparse", "cached") if timed else None))
+                                       recorded.checks.get("sparse", "cached") if timed else None,
+                                       tc_us, recorded.checks.get("tensorcore", "cached") if tc_us is not None
+                                       else None, on_tensor_cores))
         if show:
             show.done(decisions[-1])
     report = SparsifyReport(policy, decisions, cache_path, device)
@@ -323,13 +357,14 @@ class _Recorded:
         self.checks.clear()
         self.per_op.clear()
 
-    def sparse_faster(self, dense_us: float, sparse_us: float) -> bool:
-        """A fallback time is ``T(k_large)/k_large`` (the call's fixed cost included), a checked
-        one a slope (without it): where one side fell back, both sides' ``T(k_large)/k_large``
-        are compared, so that neither side carries the fixed cost alone."""
-        if "fallback" in self.checks.values() and all(self.per_op.get(i) for i in ("dense", "sparse")):
-            dense_us, sparse_us = self.per_op["dense"], self.per_op["sparse"]
-        return sparse_us < dense_us
+    def faster(self, impl: str, us: float, other: str, other_us: float) -> bool:
+        """Whether ``impl`` beat ``other``. A fallback time is ``T(k_large)/k_large`` (the call's
+        fixed cost included), a checked one a slope (without it): where either side fell back,
+        both sides' ``T(k_large)/k_large`` are compared, so that neither carries the fixed cost alone."""
+        pair = (impl, other)
+        if any(self.checks.get(i) == "fallback" for i in pair) and all(self.per_op.get(i) for i in pair):
+            us, other_us = self.per_op[impl], self.per_op[other]
+        return us < other_us
 
 
 def _device_name() -> str:

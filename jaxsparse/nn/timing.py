@@ -1,7 +1,8 @@
 """Timing of one layer, dense against sparse, for `sparsify(policy='auto')`.
 
-Timing goes through ``timer(spec: LayerSpec, impl: 'dense' | 'sparse')``, which
-returns µs or a measurement with ``us`` and ``ok``. The default, `chain_timer`,
+Timing goes through ``timer(spec: LayerSpec, impl: 'dense' | 'sparse' | 'tensorcore')``,
+which returns µs or a measurement with ``us`` and ``ok`` ('tensorcore': `jaxsparse.tc_conv1x1`
+on the layer's tensor-core plan, for the layers `tensor_core_candidate` admits). The default, `chain_timer`,
 uses the chain method and returns a checked `jaxsparse.benchmark.ChainTime`
 (``ok`` False for a ``'fallback'`` estimate). Results are cached on disk
 (JSON) keyed by device kind, platform, JAX and jaxsparse versions and every
@@ -133,9 +134,27 @@ class TimingCache:
         return timed
 
 
+def tensor_cores_unavailable() -> str | None:
+    """Why the tensor-core kernel would not run on the default device (None: it would)."""
+    from jaxsparse.tc_conv import TARGET
+    platform = jax.devices()[0].platform
+    if platform in ("gpu", "cuda") and _native.has_target(TARGET, "cuda"):
+        return None
+    return f"no tensor-core kernel on {platform}"
+
+
+def tensor_core_candidate(spec: LayerSpec) -> bool:
+    """Whether the layer could run on `jaxsparse.tc_conv1x1` (`tensor_core_ineligible`)."""
+    from jaxsparse.tc_conv import tensor_core_ineligible
+    padding = spec.padding if isinstance(spec.padding, str) else tuple(map(tuple, spec.padding))
+    return tensor_core_ineligible(spec.kernel_shape[:-2], spec.strides, padding, spec.dtype,
+                                  lax.Precision[spec.precision]) is None
+
+
 def layer_functions(spec: LayerSpec, seed: int = 0):
-    """(dense_fn, sparse_fn, x): both compute the pruned layer ``x -> y`` on random
-    weights, each at the layer's precision; the sparse side with its kernel family."""
+    """(dense_fn, sparse_fn, x) and, for a `tensor_core_candidate`, ``impls['tensorcore']``:
+    all compute the pruned layer ``x -> y`` on random weights, each at the layer's precision;
+    the sparse side with its kernel family. Returns ``(impls, x)``, ``impls`` by name."""
     from jaxsparse.format import SparseFilter
     from jaxsparse.ops import sparse_conv
     rng = np.random.default_rng(seed)
@@ -160,19 +179,24 @@ def layer_functions(spec: LayerSpec, seed: int = 0):
         return sparse_conv(x, filt, strides=spec.strides, padding=padding, rhs_dilation=spec.kernel_dilation,
                            bias=bias, precision=precision, kernel=spec.kernel_family)
 
+    impls = {"dense": dense, "sparse": sparse}
+    if tensor_core_candidate(spec):
+        from jaxsparse.tc_conv import plan_for, tc_conv1x1
+        plan = plan_for(filt)
+        impls["tensorcore"] = lambda x: tc_conv1x1(x, filt, plan, bias=bias, precision=precision)
     x = jnp.asarray(rng.standard_normal(spec.input_shape).astype(np.float32), dtype)
-    return dense, sparse, x
+    return impls, x
 
 
 def layer_flops(spec: LayerSpec, impl: str) -> float:
     """FLOP of one call of the layer: 2 x multiply-adds of the dense convolution,
-    times the density (1 - sparsity) for the sparse one (its useful work)."""
+    times the density (1 - sparsity) for the sparse and tensor-core ones (their useful work)."""
     kernel_size, cout = spec.kernel_shape[:-2], spec.kernel_shape[-1]
     pads = normalize_padding(spec.padding, spec.input_shape[1:-1], kernel_size, spec.strides,
                              spec.kernel_dilation)
     out_shape = conv_output_shape(spec.input_shape, kernel_size, spec.strides, pads, spec.kernel_dilation, cout)
     flops = 2.0 * math.prod(out_shape) * math.prod(spec.kernel_shape[:-1])
-    return flops * (1.0 - spec.sparsity) if impl == "sparse" else flops
+    return flops if impl == "dense" else flops * (1.0 - spec.sparsity)
 
 
 @functools.lru_cache(maxsize=None)
@@ -193,8 +217,10 @@ def chain_timer(spec: LayerSpec, impl: str, *, peak_check: bool = True, **chain_
     layer's FLOP (`layer_flops`) beats ``peak_margin`` (default 2) x the matmul
     peak of its dtype and precision (`measured_peak_tflops`, once per process)."""
     from jaxsparse.benchmark import chain_time_us
-    dense, sparse, x = layer_functions(spec)
-    fn = {"dense": dense, "sparse": sparse}[impl]
+    impls, x = layer_functions(spec)
+    if impl not in impls:
+        raise ValueError(f"{spec.path}: no {impl!r} implementation (have {sorted(impls)})")
+    fn = impls[impl]
 
     def step(x):
         return x + (1e-6 * jnp.mean(fn(x).astype(jnp.float32))).astype(x.dtype)

@@ -99,7 +99,9 @@ def sparse_conv(x, filter: SparseFilter, *, strides=1, padding="SAME", rhs_dilat
       kernel: the kernel family, a static option: 'auto' (the planner
         chooses; default, or ``$JAXSPARSE_KERNEL`` read at trace time), or on
         CUDA 'direct', 'spmm' (1x1, stride 1, unpadded only), 'naive',
-        'rowbucket' (geometries it does not take use the planner's choice).
+        'rowbucket', 'staged', 'cluster', 'halfwin' (bf16/f16 windows at
+        half width; stride-1 layers); where a family does not take the
+        geometry or dtype, the plain tiled kernel runs (README, NOTES.md).
         A family the platform lacks raises when the call is lowered.
     """
     if not isinstance(filter, SparseFilter):

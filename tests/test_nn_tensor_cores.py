@@ -204,6 +204,8 @@ def test_sparsify_auto_takes_the_tensor_core_kernel_where_it_is_fastest():
     assert report["b"].tensor_cores and report["b"].tensor_core_us == 10.0 and report["b"].speedup == 10.0
     assert new.b.tensor_core_plan is not None and new.a.tensor_core_plan is None
     assert not report["a"].tensor_cores and "on tensor cores (1): b" in report.summary()
+    table = report.table()
+    assert "tc µs" in table and "sparse/tc" in table.splitlines()[2]
 
     timer = ThreeWayTimer(tensor_core_us=70.0)  # slower than the FFMA kernel: no plan
     new, report = sparsify(Dense(), 0.9, policy="auto", sample_input=x, timer=timer, cache=False,

@@ -145,12 +145,16 @@ class SparsifyReport:
     def table(self) -> str:
         def fmt(v, check):  # '~': a fallback timing
             return "-" if v is None else ("~" if check == "fallback" else "") + f"{v:.1f}"
-        rows = [f"{'layer':<40} {'sparsity':>8} {'dense µs':>10} {'sparse µs':>10} {'choice':>8}"]
+        tc = any(d.tensor_core_us is not None for d in self.layers)  # a column where it was timed
+        rows = [f"{'layer':<40} {'sparsity':>8} {'dense µs':>10} {'sparse µs':>10} "
+                + (f"{'tc µs':>10} " if tc else "") + f"{'choice':>9}"]
         for d in self.layers:
             s = "-" if d.sparsity is None else f"{d.sparsity:.3f}"
+            choice = "sparse/tc" if d.tensor_cores else d.choice
             rows.append(f"{d.path:<40} {s:>8} {fmt(d.dense_us, d.dense_check):>10} "
                         f"{fmt(d.sparse_us, d.sparse_check):>10} "
-                        f"{d.choice:>8}" + (f"  ({d.reason})" if d.reason else ""))
+                        + (f"{fmt(d.tensor_core_us, d.tensor_core_check):>10} " if tc else "")
+                        + f"{choice:>9}" + (f"  ({d.reason})" if d.reason else ""))
         rows.append(self.summary())
         return "\n".join(rows)
 

@@ -65,6 +65,11 @@ def plan_for(filt: SparseFilter) -> TensorCorePlan:
     return plan
 
 
+def tf32_forbidden(dtype, precision) -> bool:
+    """Whether tensor cores may not run this call: float32 at ``HIGHEST`` (they would use TF32)."""
+    return jnp.dtype(dtype) == jnp.float32 and options.canonical_precision(precision) == lax.Precision.HIGHEST
+
+
 def tensor_core_ineligible(kernel_size, strides, padding, dtype, precision) -> str | None:
     """Why a convolution cannot run on `tc_conv1x1` (None: it can): it must be 1x1, stride 1,
     unpadded (any padding string pads a 1x1 stride-1 convolution by zero), float32, bfloat16
@@ -78,7 +83,7 @@ def tensor_core_ineligible(kernel_size, strides, padding, dtype, precision) -> s
     dt = jnp.dtype(dtype)
     if dt not in map(jnp.dtype, _DTYPES):
         return f"dtype {dt} is not float32, bfloat16 or float16"
-    if dt == jnp.float32 and options.canonical_precision(precision) == lax.Precision.HIGHEST:
+    if tf32_forbidden(dt, precision):
         return "float32 at precision HIGHEST (tensor cores would use TF32)"
     return None
 
@@ -100,7 +105,7 @@ def _check(x, filt: SparseFilter, plan: TensorCorePlan, bias, precision):
                          f"got rows={plan.rows}, k_multiple={plan.k_multiple}")
     if bias is not None and (jnp.shape(bias) != (filt.out_channels,) or jnp.dtype(bias.dtype) != dt):
         raise ValueError(f"bias must be ({filt.out_channels},) of dtype {dt}")
-    if dt == jnp.float32 and options.canonical_precision(precision) == lax.Precision.HIGHEST:
+    if tf32_forbidden(dt, precision):
         raise ValueError("tc_conv1x1 uses TF32 products for float32 inputs, which precision=HIGHEST "
                          "forbids: use sparse_conv for exact float32, or precision=None/'default'")
     if plan.col_offsets[-1] > np.iinfo(np.int32).max // 16:

@@ -263,8 +263,8 @@ class SparseConv(nnx.Module):
 
     # ---- tensor cores --------------------------------------------------------------
     def plan_tensor_cores(self, plan: TensorCorePlan | None = None) -> TensorCorePlan:
-        """Attaches a tensor-core plan of this layer's pattern (built for ``param_dtype``'s
-        mma k unless given) and returns it; see the module docstring. Needs the concrete
+        """Attaches a tensor-core plan of this layer's pattern (built for the mma k of the
+        dtype it computes in, ``dtype`` or else ``param_dtype``, unless given) and returns it; see the module docstring. Needs the concrete
         pattern (not inside a transformation). Raises `TensorCorePlanError` for a plan of
         another pattern and ``ValueError`` for a layer the plan can never serve."""
         compute = jnp.dtype(self.param_dtype if self.dtype is None else self.dtype)
@@ -328,7 +328,7 @@ class SparseConv(nnx.Module):
             in_features=self.in_features, out_features=self.out_features, strides=self.strides,
             padding=self.padding, kernel_dilation=self.kernel_dilation, dtype=self.dtype,
             activation=activation, precision=self.precision, kernel_family=self.kernel_family,
-            tensor_core_plan=getattr(self, "tensor_core_plan", None))
+            tensor_core_plan=self.tensor_core_plan)
 
 
 def apply_sparse_conv(inputs, data, indices, indptr, bias, *, kernel_size, in_features, out_features,

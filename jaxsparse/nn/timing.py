@@ -53,6 +53,11 @@ class LayerSpec:
     def batch(self) -> int:
         return int(self.input_shape[0])
 
+    @property
+    def padding_arg(self) -> str | tuple[tuple[int, int], ...]:
+        """``padding`` as the convolutions take it (pairs as tuples; JSON gives lists)."""
+        return self.padding if isinstance(self.padding, str) else tuple(map(tuple, self.padding))
+
     def cache_key(self) -> dict:
         """Everything the time depends on (not the layer's name)."""
         d = dataclasses.asdict(self)
@@ -77,14 +82,15 @@ def _device_info() -> dict:
             "jax": jax.__version__, "jaxsparse": jaxsparse.__version__}
 
 
-def native_sparse_unavailable() -> str | None:
-    """Why no native sparse kernel would run on the default device (None: one would)."""
+def native_sparse_unavailable(target: str = _native.TARGET, what: str = "native sparse kernel") -> str | None:
+    """Why no native ``target`` (default: the sparse convolution) would run on the default
+    device (None: one would)."""
     platform = jax.devices()[0].platform
     target_platform = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda"}.get(platform)
-    if target_platform and _native.has_target(_native.TARGET, target_platform):
+    if target_platform and _native.has_target(target, target_platform):
         return None
     error = _native.cpu_import_error if target_platform == "cpu" else _native.cuda_import_error
-    return f"no native sparse kernel on {platform}" + (f" ({error})" if error else "")
+    return f"no {what} on {platform}" + (f" ({error})" if error else "")
 
 
 class TimingCache:
@@ -137,17 +143,13 @@ class TimingCache:
 def tensor_cores_unavailable() -> str | None:
     """Why the tensor-core kernel would not run on the default device (None: it would)."""
     from jaxsparse.tc_conv import TARGET
-    platform = jax.devices()[0].platform
-    if platform in ("gpu", "cuda") and _native.has_target(TARGET, "cuda"):
-        return None
-    return f"no tensor-core kernel on {platform}"
+    return native_sparse_unavailable(TARGET, "tensor-core kernel")
 
 
 def tensor_core_candidate(spec: LayerSpec) -> bool:
     """Whether the layer could run on `jaxsparse.tc_conv1x1` (`tensor_core_ineligible`)."""
     from jaxsparse.tc_conv import tensor_core_ineligible
-    padding = spec.padding if isinstance(spec.padding, str) else tuple(map(tuple, spec.padding))
-    return tensor_core_ineligible(spec.kernel_shape[:-2], spec.strides, padding, spec.dtype,
+    return tensor_core_ineligible(spec.kernel_shape[:-2], spec.strides, spec.padding_arg, spec.dtype,
                                   lax.Precision[spec.precision]) is None
 
 
@@ -166,7 +168,7 @@ def layer_functions(spec: LayerSpec, seed: int = 0):
     bias = jnp.asarray(rng.standard_normal(cout).astype(np.float32), dtype) if spec.use_bias else None
     filt = SparseFilter.from_dense(kernel, sparsity=None, dtype=dtype)
     nd = len(spec.kernel_shape) - 2
-    padding = spec.padding if isinstance(spec.padding, str) else tuple(map(tuple, spec.padding))
+    padding = spec.padding_arg
     dense_kernel = jnp.asarray(kernel, dtype)
     dn = ("NHWC", "HWIO", "NHWC") if nd == 2 else ("NWC", "WIO", "NWC")
 

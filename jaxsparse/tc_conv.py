@@ -3,7 +3,8 @@
 ``tc_conv1x1(x, filter)`` computes the same 1x1, stride-1, unpadded convolution as
 `jaxsparse.sparse_conv`, on the GPU with tensor cores: the filter's output channels in
 groups of 16 (the plan's clustering), each group's union of nonzero input channels
-gathered from shared memory, ``mma.sync`` with float32 accumulation. float32 inputs use
+gathered from shared memory, ``mma.sync`` with float32 accumulation (two CUDA kernel
+designs, `DESIGNS`: 'chunked', the default, and 'slab'). float32 inputs use
 TF32 products, so ``precision=HIGHEST`` (exact float32) is refused; bfloat16/float16
 products are exact at every precision. `sparse_conv` never chooses it; a
 `jaxsparse.nn.SparseConv` layer holding a plan (`SparseConv.plan_tensor_cores`,
@@ -36,6 +37,16 @@ from jaxsparse.tc_plan import TensorCorePlan, TensorCorePlanError, _filter_finge
 TARGET = "jaxsparse_tc_spmm"
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
+# The CUDA kernel designs (cuda/gpu/sparse_conv_tensorcore.h, TensorCoreDesign):
+# 'slab' stages all Cin channels of a pixel tile (the first design); 'chunked' streams Cin
+# in chunks, a group of 16 channels per warp, 128 output channels per block.
+DESIGNS = {"slab": 1, "chunked": 2}
+DEFAULT_DESIGN = "chunked"
+# Output channels of a chunked block: a plan clustered within windows of this many channels
+# lets the block write one contiguous run of each pixel's channels.
+BLOCK_CHANNELS = 128
+DEFAULT_WINDOW = BLOCK_CHANNELS
+
 
 def k_multiple_for(dtype) -> int:
     """The mma k of a dtype: 8 for TF32 (float32 inputs), 16 for bfloat16/float16."""
@@ -46,23 +57,30 @@ _PLANS: "collections.OrderedDict[tuple, TensorCorePlan]" = collections.OrderedDi
 _PLAN_CACHE_SIZE = 64
 
 
-def plan_for(filt: SparseFilter) -> TensorCorePlan:
-    """The tensor-core plan of a concrete filter, for its dtype's mma k: built once per
-    sparsity pattern (cached by the pattern's fingerprint, the last 64 patterns)."""
+def plan_for(filt: SparseFilter, window: int = DEFAULT_WINDOW) -> TensorCorePlan:
+    """The tensor-core plan of a concrete filter, for its dtype's mma k, clustered within
+    ``window`` output channels (0: all; see `tensor_core_plan`): built once per sparsity
+    pattern and window (cached by the pattern's fingerprint, the last 64)."""
     if isinstance(filt.indices, jax.core.Tracer) or isinstance(filt.indptr, jax.core.Tracer):
         raise TensorCorePlanError("the tensor-core plan needs a concrete sparsity pattern: build it "
                                   "outside jit with plan_for(filter) and pass it as tc_conv1x1(x, f, plan)")
     k = k_multiple_for(filt.data.dtype)
-    key = (_filter_fingerprint(filt), k)
+    key = (_filter_fingerprint(filt), k, int(window))
     plan = _PLANS.get(key)
     if plan is None:
-        plan = tensor_core_plan(filt, rows=16, k_multiple=k)
+        plan = tensor_core_plan(filt, rows=16, k_multiple=k, window=window)
         _PLANS[key] = plan
         while len(_PLANS) > _PLAN_CACHE_SIZE:
             _PLANS.popitem(last=False)
     else:
         _PLANS.move_to_end(key)
     return plan
+
+
+def kernel_window(plan: TensorCorePlan) -> int:
+    """The chunked kernel's ``window`` attribute: `BLOCK_CHANNELS` when each block's groups hold
+    one contiguous run of channels (a plan windowed to it, or Cout within one block), else 0."""
+    return BLOCK_CHANNELS if plan.window == BLOCK_CHANNELS or plan.out_channels <= BLOCK_CHANNELS else 0
 
 
 def tf32_forbidden(dtype, precision) -> bool:
@@ -88,7 +106,9 @@ def tensor_core_ineligible(kernel_size, strides, padding, dtype, precision) -> s
     return None
 
 
-def _check(x, filt: SparseFilter, plan: TensorCorePlan, bias, precision):
+def _check(x, filt: SparseFilter, plan: TensorCorePlan, bias, precision, design):
+    if design not in DESIGNS:
+        raise ValueError(f"design must be one of {sorted(DESIGNS)}, got {design!r}")
     if not isinstance(filt, SparseFilter):
         raise TypeError(f"filter must be a SparseFilter, got {type(filt).__name__}")
     if tuple(filt.kernel_size) not in ((1, 1), (1,)):
@@ -113,11 +133,17 @@ def _check(x, filt: SparseFilter, plan: TensorCorePlan, bias, precision):
 
 
 def tc_conv1x1(x, filt: SparseFilter, plan: TensorCorePlan | None = None, *, bias=None,
-               activation: str | None = None, precision=None):
-    """1x1 sparse convolution of NHWC (or NWC, ...) ``x`` on tensor cores; see the module."""
+               activation: str | None = None, precision=None, design: str = DEFAULT_DESIGN,
+               tile_pixels: int | None = None):
+    """1x1 sparse convolution of NHWC (or NWC, ...) ``x`` on tensor cores; see the module.
+    ``design``: the CUDA kernel, one of `DESIGNS` (any plan runs on either);
+    ``tile_pixels``: the chunked kernel's pixels per block (16, 32 or 64; None: its own
+    choice), a benchmarking knob."""
     x = jnp.asarray(x)
     plan = plan_for(filt) if plan is None else plan
-    _check(x, filt, plan, bias, precision)
+    _check(x, filt, plan, bias, precision, design)
+    if tile_pixels not in (None, 16, 32, 64):
+        raise ValueError(f"tile_pixels must be None, 16, 32 or 64, got {tile_pixels!r}")
     relu = _relu_flag(activation)  # the activations sparse_conv takes
     packed, _ = plan.pack(filt)  # NaN-poisoned for a traced filter of another pattern
     out_shape = x.shape[:-1] + (filt.out_channels,)
@@ -128,7 +154,9 @@ def tc_conv1x1(x, filt: SparseFilter, plan: TensorCorePlan | None = None, *, bia
 
     def on_cuda(x, packed, b):
         call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(out_shape, x.dtype))
-        return call(x, packed, columns, col_offsets, channels, b, relu=np.int64(relu))
+        return call(x, packed, columns, col_offsets, channels, b, relu=np.int64(relu),
+                    design=np.int64(DESIGNS[design]), window=np.int64(kernel_window(plan)),
+                    tile_pixels=np.int64(tile_pixels or 0))
 
     def elsewhere(x, packed, b, relu=relu):  # the plan's dense kernel, as one 1 x P image
         kernel = plan.unpack(packed).reshape(1, 1, filt.in_channels, filt.out_channels)

@@ -252,3 +252,43 @@ def test_damaged_plan_files_are_refused(tmp_path):
     save_file(tensors, str(tmp_path / "plain.safetensors"))
     with pytest.raises(jaxsparse.TensorCorePlanError, match="no jaxsparse"):
         jaxsparse.load_plan(tmp_path / "plain.safetensors")
+
+
+@given(patterns(), st.sampled_from([16, 32, 48]))
+def test_windowed_plan_keeps_each_group_in_its_window(case, window):
+    f, rows, k_multiple = case
+    window = window // rows * rows or rows
+    plan = tensor_core_plan(f, rows, k_multiple, window=window)
+    check_layout(f, plan)
+    assert plan.window == window
+    per = window // rows
+    for g in range(plan.num_groups):
+        members = plan.channels[g][plan.channels[g] >= 0]
+        assert np.all(members // window == g // per), (g, members)
+    assert np.array_equal(np.asarray(plan.unpack(plan.pack(f)[0])), np.asarray(f.todense()))
+
+
+def test_window_must_be_a_multiple_of_rows():
+    f = jaxsparse.random_filter(0, (1, 1), 8, 40, 0.5)
+    for bad in (-16, 24, 7):
+        with pytest.raises(TensorCorePlanError, match="window"):
+            tensor_core_plan(f, 16, 16, window=bad)
+
+
+def test_windowed_plan_saved_and_checked(tmp_path):
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+    f = jaxsparse.random_filter(7, (1, 1), 24, 70, 0.8)
+    plan = tensor_core_plan(f, 16, 16, window=32)
+    path = tmp_path / "plan.safetensors"
+    jaxsparse.save_plan(plan, path)
+    assert jaxsparse.load_plan(path, f).window == 32
+    with safe_open(str(path), framework="numpy") as fh:
+        meta = fh.metadata()
+    tensors = load_file(str(path))
+    swapped = tensors["channels"].copy()  # swap a channel of window 0 with one of window 1
+    a, b = np.argwhere(swapped == 0)[0], np.argwhere(swapped == 40)[0]
+    swapped[tuple(a)], swapped[tuple(b)] = 40, 0
+    save_file(dict(tensors, channels=swapped), str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(TensorCorePlanError, match="outside its window"):
+        jaxsparse.load_plan(tmp_path / "bad.safetensors")

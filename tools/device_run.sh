@@ -14,6 +14,8 @@
 # Other knobs:
 #   NCU_LAYER, NCU_FAMILIES, NCU_DTYPE, NCU_B1_ONLY, NCU_B32_FAMILIES (profiled one launch each),
 #   NCU_SOURCE (a family: its per-instruction SASS counts; summarise with tools/ncu_hot_loops.py)
+#   NCU_TC, NCU_TC_LAYERS, NCU_TC_ONLY (tensor-core designs, e.g. tc-slab,tc-chunked, on DLMC layers, batch 32, 0.95)
+#   TC_VARIANTS (tools/tc_bench.py --variants), TC_SANITIZE_CASES (tools/sanitize_layers.py TC_CASES of the TensorCore sanitizer pass)
 #   PYTEST_ARGS   extra pytest arguments for the GPU tests (e.g. "-k vgg")
 #   BENCH_ARGS    arguments for experiments/layer_benchmark.py
 #   BENCH_TIMEOUT seconds for the benchmark (default 300)
@@ -74,7 +76,7 @@ if has sanitize; then
   DEFAULT_CASES="direct3x3_f32 direct3x3_bf16 direct_s2_f16 kim_w5_f32 spmm1x1_f32 spmm1x1_bf16 proj1x1_s2_f32 naive3x3_f32 staged3x3_f32 staged_s2_bf16 staged1x1_f32 staged1x1_f16 staged_kim_w3_f32 cluster3x3_f32 cluster_s2_bf16 cluster_odd_f16 cluster1x1_f32 cluster1x1_bf16 cluster_kim_w5_f32 halfwin3x3_bf16 halfwin_odd_f16 halfwin1x1_bf16 halfwin_kim_w5_f16 malformed"
   PASSES=${SANITIZE_PASSES:-"SparseConv RowBucket TensorCore"}
   for pass in "SparseConv:$DEFAULT_CASES" "RowBucket:rowbucket3x3_f32 rowbucket3x5_bf16 malformed" \
-              "TensorCore:tc_bf16 tc_f16_odd tc_tf32 tc_empty_rows tc_staged_bf16"; do
+              "TensorCore:${TC_SANITIZE_CASES:-tc_bf16 tc_f16_odd tc_tf32 tc_empty_rows tc_staged_bf16 tcc_bf16_np64 tcc_tf32_np32 tcc_f32_scatter_odd tcc_f16_odd tcc_empty_rows}"; do
     [[ " $PASSES " == *" ${pass%%:*} "* ]] || continue
     kernels=${pass%%:*}; cases=${pass#*:}
     for tool in memcheck racecheck; do
@@ -140,16 +142,22 @@ if has ncu; then
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
   SECTIONS="--section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats --section SchedulerStats --section MemoryWorkloadAnalysis --section InstructionStats"
-  run_step ncu_b1 ${NCU_TIMEOUT:-60} $NCU --clock-control none -k "regex:RowBucket|SparseConv" $SECTIONS python3 tools/ncu_layer.py \
+  [ -n "${NCU_TC_ONLY:-}" ] || run_step ncu_b1 ${NCU_TIMEOUT:-60} $NCU --clock-control none -k "regex:RowBucket|SparseConv" $SECTIONS python3 tools/ncu_layer.py \
     --families=${NCU_FAMILIES:-auto,rowbucket} --layer=${NCU_LAYER:-conv3_2} --dtype=${NCU_DTYPE:-float32}
   if [ -n "${NCU_SOURCE:-}" ]; then  # per-SASS-instruction counts and stall samples of one launch
     run_step ncu_source 90 $NCU --clock-control none -k "regex:SparseConv" --launch-skip 1 --launch-count 1 \
       --section SourceCounters --section WarpStateStats --page source --print-source sass --csv python3 tools/ncu_layer.py \
       --families=${NCU_SOURCE} --layer=${NCU_LAYER:-conv3_2} --dtype=${NCU_DTYPE:-float32}
   fi
+  if [ -n "${NCU_TC:-}" ]; then  # tensor-core 1x1 designs (e.g. tc-slab,tc-chunked) on DLMC layers at batch 32
+    for layer in ${NCU_TC_LAYERS:-bottleneck_1_block_group3_1_1}; do
+      run_step ncu_tc_${layer#bottleneck_} ${NCU_TIMEOUT:-60} $NCU --clock-control none -k "regex:TensorCore" $SECTIONS \
+        python3 tools/ncu_layer.py --families=$NCU_TC --dlmc=$layer --sparsity=0.95 --batch=32 --dtype=${NCU_DTYPE:-bfloat16}
+    done
+  fi
   # Launches alternate warm-up, run per family: skip the first warm-up, profile every one after it.
   B32_FAMS=${NCU_B32_FAMILIES:-auto}
-  [ -n "${NCU_B1_ONLY:-}" ] || run_step ncu_b32 ${NCU_B32_TIMEOUT:-60} $NCU --clock-control none -k "regex:SparseConv" --launch-skip 1 \
+  [ -n "${NCU_B1_ONLY:-}${NCU_TC_ONLY:-}" ] || run_step ncu_b32 ${NCU_B32_TIMEOUT:-60} $NCU --clock-control none -k "regex:SparseConv" --launch-skip 1 \
     --launch-count $(( 2 * $(echo "$B32_FAMS" | tr ',' '\n' | wc -l) - 1 )) $SECTIONS python3 tools/ncu_layer.py \
     --families=$B32_FAMS --batch=32 --layer=${NCU_LAYER:-conv3_2} --dtype=${NCU_DTYPE:-float32}
   unset XLA_PYTHON_CLIENT_PREALLOCATE
@@ -185,7 +193,7 @@ if has tc; then
   grep -E "^(FAILED|ERROR)|Error|assert" "$OUT/tests_tc.log" | head -20 | tee -a "$SUMMARY"
 fi
 has tc_bench && run_step tc_bench ${TC_BENCH_TIMEOUT:-200} python3 tools/tc_bench.py --sparsity=${TC_SPARSITY:-0.9,0.95} \
-  --out=$OUT/tc.jsonl
+  --variants=${TC_VARIANTS:-slab:0,chunked:0,chunked:128} --out=$OUT/tc.jsonl
 # Issue 11's check: VGG-16 with HIGHEST convolutions, policy='auto' at 90 %, batch 1, against dense
 # and all-sparse in the same run (nnx.split + jax.jit of the pure function).
 has auto_check && run_step auto_check ${AUTO_TIMEOUT:-200} python3 experiments/whole_model_benchmark.py --width=1 \

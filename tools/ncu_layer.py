@@ -4,7 +4,9 @@
         python3 tools/ncu_layer.py --families=auto,rowbucket --layer=conv3_2 --batch=1
 
 Each family runs the layer once after a warm-up call (ncu profiles every launch whose
-name matches; skip the warm-up with --launch-skip or read the last ones).
+name matches; skip the warm-up with --launch-skip or read the last ones). A family
+``tc-<design>`` runs the tensor-core 1x1 kernel (`tc_conv1x1`) of that design instead;
+``--dlmc=<layer>`` takes a DLMC ResNet-50 pattern and its input size instead of --layer.
 """
 import argparse
 
@@ -27,14 +29,23 @@ parser.add_argument("--layer", default="conv3_2", choices=sorted(LAYERS))
 parser.add_argument("--batch", type=int, default=1)
 parser.add_argument("--sparsity", type=float, default=0.9)
 parser.add_argument("--dtype", default="float32")
+parser.add_argument("--dlmc", default="", help="a DLMC ResNet-50 1x1 layer (jaxsparse.dlmc.PEER_LAYERS)")
 args = parser.parse_args()
 
-hw, cin, cout, k = LAYERS[args.layer]
 dt = jnp.dtype(args.dtype)
-f = jaxsparse.random_filter(0, k, cin, cout, args.sparsity, dtype=dt)
+if args.dlmc:
+    f = jaxsparse.load_dlmc(args.dlmc, args.sparsity, dtype=dt, seed=0)
+    hw, cin = jaxsparse.dlmc.layer_hw(args.dlmc), f.in_channels
+else:
+    hw, cin, cout, k = LAYERS[args.layer]
+    f = jaxsparse.random_filter(0, k, cin, cout, args.sparsity, dtype=dt)
 x = jnp.asarray(np.random.default_rng(0).standard_normal((args.batch, hw, hw, cin)), dt)
 for fam in args.families.split(","):
-    fn = jax.jit(lambda x, f, fam=fam: jaxsparse.sparse_conv(x, f, kernel=fam))
+    if fam.startswith("tc-"):
+        plan = jaxsparse.tc_conv.plan_for(f)
+        fn = jax.jit(lambda x, f, design=fam[3:]: jaxsparse.tc_conv1x1(x, f, plan, design=design))
+    else:
+        fn = jax.jit(lambda x, f, fam=fam: jaxsparse.sparse_conv(x, f, kernel=fam))
     jax.block_until_ready(fn(x, f))  # warm-up (compile)
     y = jax.block_until_ready(fn(x, f))
     print(fam, args.layer, args.batch, args.sparsity, dt.name, float(jnp.abs(y.astype(jnp.float32)).mean()), flush=True)

@@ -46,12 +46,19 @@ CASES = {  # name: family, batch, h, w, cin, cout, kernel, stride, padding, dtyp
     "halfwin_kim_w5_f16": ("halfwin", 2, 1, 56, 300, 100, (1, 5), 1, "VALID", np.float16),
 }
 MALFORMED_FAMILIES = ("direct", "naive", "rowbucket", "staged", "cluster", "halfwin")
-TC_CASES = {  # the tensor-core 1x1 kernel (tc_conv1x1): batch, h, w, cin, cout, sparsity, dtype
-    "tc_bf16": (2, 7, 9, 64, 40, 0.9, jnp.bfloat16),  # partial last group, pixel tail
-    "tc_f16_odd": (1, 5, 5, 37, 21, 0.7, np.float16),  # Cin not a vector multiple: scalar staging
-    "tc_tf32": (2, 7, 7, 256, 64, 0.9, np.float32),
-    "tc_empty_rows": (1, 4, 4, 16, 16, 1.0, jnp.bfloat16),  # every group empty: bias only
-    "tc_staged_bf16": (16, 14, 14, 64, 128, 0.9, jnp.bfloat16),  # outputs staged, copied coalesced
+TC_CASES = {  # tc_conv1x1: batch, h, w, cin, cout, sparsity, dtype, kernel design, plan window
+    "tc_bf16": (2, 7, 9, 64, 40, 0.9, jnp.bfloat16, "slab", 0),  # partial last group, pixel tail
+    "tc_f16_odd": (1, 5, 5, 37, 21, 0.7, np.float16, "slab", 0),  # Cin not a vector multiple: scalar staging
+    "tc_tf32": (2, 7, 7, 256, 64, 0.9, np.float32, "slab", 0),
+    "tc_empty_rows": (1, 4, 4, 16, 16, 1.0, jnp.bfloat16, "slab", 0),  # every group empty: bias only
+    "tc_staged_bf16": (16, 14, 14, 64, 128, 0.9, jnp.bfloat16, "slab", 0),  # outputs staged, copied coalesced
+    # The chunked design: 64-pixel tiles with 16-byte stores (windowed plan), 32-pixel TF32
+    # tiles, and 16-pixel tiles with the scalar fill, steps straddling chunks and scattered stores.
+    "tcc_bf16_np64": (1, 33, 33, 72, 2048, 0.95, jnp.bfloat16, "chunked", 128),
+    "tcc_tf32_np32": (2, 32, 32, 64, 1024, 0.9, np.float32, "chunked", 128),
+    "tcc_f32_scatter_odd": (2, 12, 12, 130, 300, 0.9, np.float32, "chunked", 0),
+    "tcc_f16_odd": (1, 5, 5, 37, 21, 0.7, np.float16, "chunked", 128),
+    "tcc_empty_rows": (1, 4, 4, 16, 16, 1.0, jnp.bfloat16, "chunked", 128),
 }
 
 
@@ -66,11 +73,12 @@ def run_case(name):
 
 
 def run_tc_case(name):
-    n, h, w, cin, cout, sp, dt = TC_CASES[name]
+    n, h, w, cin, cout, sp, dt, design, window = TC_CASES[name]
     f = jaxsparse.random_filter(3, (1, 1), cin, cout, sp, dtype=dt)
-    plan = jaxsparse.tc_conv.plan_for(f)
+    plan = jaxsparse.tc_conv.plan_for(f, window=window)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((n, h, w, cin)), np.float32).astype(dt)
-    conv = jax.jit(lambda x, f: jaxsparse.tc_conv1x1(x, f, plan, bias=jnp.ones(cout, dt), activation="relu"))
+    conv = jax.jit(lambda x, f: jaxsparse.tc_conv1x1(x, f, plan, bias=jnp.ones(cout, dt), activation="relu",
+                                                     design=design))
     out = conv(x, f)
     print(name, out.shape, float(jnp.abs(out.astype(jnp.float32)).mean()), flush=True)
 

@@ -2,10 +2,11 @@
 
     python3 tools/tc_bench.py --sparsity=0.9,0.95 --batches=1,32 --out=$OUT/tc.jsonl
 
-The eight DLMC ResNet-50 1x1 layers; per layer, batch, sparsity and dtype (bfloat16, and
-float32 at default precision = TF32 on both sides): summed GPU kernel time of one jitted
-call (profiler trace) of `tc_conv1x1`, of XLA's dense convolution and of the FFMA
-`sparse_conv` (exact), and the plan's union fraction u.
+The eight DLMC ResNet-50 1x1 layers; per layer, batch, sparsity, dtype (bfloat16, and
+float32 at default precision = TF32 on both sides) and kernel variant (design, plan
+window): GPU kernel time of one jitted call (profiler trace) of `tc_conv1x1` (in all, with
+the packing of the weights, and of the tensor-core kernel alone), of XLA's dense
+convolution, optionally of the FFMA `sparse_conv` (exact), and the plan's union fraction u.
 """
 import argparse
 import json
@@ -27,37 +28,54 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--sparsity", default="0.9,0.95")
 parser.add_argument("--batches", default="1,32")
 parser.add_argument("--dtypes", default="bfloat16,float32")
+parser.add_argument("--variants", default="slab:0,chunked:0,chunked:128",
+                    help="kernel design:plan window[:tile pixels] (tc_conv.DESIGNS; window 0 clusters all "
+                         "channels; tile pixels 16/32/64 for the chunked design, else its own choice)")
+parser.add_argument("--ffma", action="store_true", help="also time the exact FFMA sparse_conv")
+parser.add_argument("--layers", default=",".join(LAYERS))
 parser.add_argument("--out", default="")
 args = parser.parse_args()
+variants = [(v.split(":") + ["0"])[:3] for v in args.variants.split(",")]
+variants = [(d, int(w), int(t) or None) for d, w, t in variants]
 
 
 def dense(x, w):
     return lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def tc_time(fn, x, f):
+    """(total µs of the jitted call, incl. packing the weights; µs of the tensor-core kernel)."""
+    t = kernel_time_us(jax.jit(fn), x, f)
+    return t["total_us"], sum(us for name, us in t["kernels"].items() if "TensorCore" in name)
+
+
 out = None  # one JSON line per measurement, flushed, so a cut run keeps what it measured
 if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     out = open(args.out, "w")
-print(f"{'layer':32s} {'s':>5s} {'b':>3s} {'dtype':8s} {'u':>5s} {'tc us':>8s} {'dense us':>9s} "
-      f"{'ffma us':>8s} {'dense/tc':>8s}")
-for name in LAYERS:
+print(f"{'layer':30s} {'s':>5s} {'b':>3s} {'dtype':8s} {'variant':15s} {'u':>5s} {'tc us':>7s} {'kern us':>7s} "
+      f"{'dense us':>8s} {'dense/kern':>10s}")
+for name in args.layers.split(","):
     hw = layer_hw(name)
     for sp in map(float, args.sparsity.split(",")):
         for dt in map(jnp.dtype, args.dtypes.split(",")):
             f = jaxsparse.load_dlmc(name, sp, dtype=dt, seed=0)
-            plan = plan_for(f)
-            u = plan.stats()["u_padded"]
             w = jnp.asarray(f.todense())
             for batch in map(int, args.batches.split(",")):
                 x = jnp.asarray(np.random.default_rng(batch).standard_normal((batch, hw, hw, f.in_channels)), dt)
-                tc = kernel_time_us(jax.jit(lambda x, f: tc_conv1x1(x, f, plan)), x, f)["total_us"]
                 dn = kernel_time_us(jax.jit(dense), x, w)["total_us"]
-                ff = kernel_time_us(jax.jit(lambda x, f: jaxsparse.sparse_conv(x, f, padding="VALID")), x, f)["total_us"]
-                row = dict(layer=name, sparsity=sp, batch=batch, dtype=dt.name, union_fraction=u, tc_us=tc,
-                           dense_us=dn, ffma_us=ff, device=jax.devices()[0].device_kind, jax=jax.__version__)
-                if out:
-                    out.write(json.dumps(row) + "\n")
-                    out.flush()
-                print(f"{name:32s} {sp:5.2f} {batch:3d} {dt.name:8s} {u:5.2f} {tc:8.1f} {dn:9.1f} {ff:8.1f} "
-                      f"{dn / tc:8.2f}", flush=True)
+                ff = (kernel_time_us(jax.jit(lambda x, f: jaxsparse.sparse_conv(x, f, padding="VALID")), x, f)
+                      ["total_us"] if args.ffma else None)
+                for design, window, tile in variants:
+                    plan = plan_for(f, window=window)
+                    u = plan.stats()["u_padded"]
+                    tc, kern = tc_time(lambda x, f: tc_conv1x1(x, f, plan, design=design, tile_pixels=tile), x, f)
+                    row = dict(layer=name, sparsity=sp, batch=batch, dtype=dt.name, design=design, window=window,
+                               tile_pixels=tile,
+                               union_fraction=u, tc_us=tc, tc_kernel_us=kern, dense_us=dn, ffma_us=ff,
+                               device=jax.devices()[0].device_kind, jax=jax.__version__)
+                    if out:
+                        out.write(json.dumps(row) + "\n")
+                        out.flush()
+                    print(f"{name[11:]:30s} {sp:5.2f} {batch:3d} {dt.name:8s} {design + ':' + str(window) + ':' + str(tile or 'auto'):15s} "
+                          f"{u:5.2f} {tc:7.1f} {kern:7.1f} {dn:8.1f} {dn / kern:10.2f}", flush=True)

@@ -19,7 +19,8 @@ bool IsInt32Vector(const ffi::AnyBuffer& b) {
 
 ffi::Error TcSpmmCudaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer packed,
                           ffi::AnyBuffer columns, ffi::AnyBuffer col_offsets, ffi::AnyBuffer channels,
-                          ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> out, int64_t relu) {
+                          ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> out, int64_t relu, int64_t design,
+                          int64_t window, int64_t tile_pixels) {
   ElementType type;
   if (!ToElementType(x.element_type(), &type)) return TcError("x must be float32, bfloat16 or float16");
   if (packed.element_type() != x.element_type() || out->element_type() != x.element_type())
@@ -37,6 +38,14 @@ ffi::Error TcSpmmCudaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer 
   s.groups = col_offsets.dimensions()[0] - 1;
   s.k_total = columns.dimensions()[0];
   s.relu = relu != 0;
+  if (design != static_cast<int64_t>(TensorCoreDesign::kSlab) && design != static_cast<int64_t>(TensorCoreDesign::kChunked))
+    return TcError("design must be 1 (slab) or 2 (chunked)");
+  const auto kind = static_cast<TensorCoreDesign>(design);
+  if (window != 0 && window != 128) return TcError("window must be 0 or 128");
+  s.window = window;
+  if (tile_pixels != 0 && tile_pixels != 16 && tile_pixels != 32 && tile_pixels != 64)
+    return TcError("tile_pixels must be 0 (automatic), 16, 32 or 64");
+  s.tile_pixels = tile_pixels;
   if (s.groups < 1 || channels.dimensions()[0] != 16 * s.groups)
     return TcError("channels must hold 16 entries per group (col_offsets has groups + 1)");
   if (static_cast<int64_t>(packed.element_count()) != 16 * s.k_total)
@@ -46,7 +55,8 @@ ffi::Error TcSpmmCudaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer 
                    bias.dimensions()[0] != s.out_c))
     return TcError("bias must be (Cout,) of x's dtype, or empty");
   if (s.pixels == 0 || s.out_c == 0) return ffi::Error::Success();
-  if (!TensorCoreFits(s, type)) return TcError("shape not supported (Cin too large for the input slab)");
+  if (!TensorCoreFits(s, type, kind))
+    return TcError("shape not supported by this design (for the slab design: Cin too large for the input slab)");
   TensorCoreOperands op;
   op.x = x.untyped_data();
   op.packed = packed.untyped_data();
@@ -55,7 +65,7 @@ ffi::Error TcSpmmCudaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer 
   op.channels = static_cast<const int32_t*>(channels.untyped_data());
   op.bias = has_bias ? bias.untyped_data() : nullptr;
   op.out = out->untyped_data();
-  const cudaError_t status = LaunchTensorCoreSpmm(stream, s, type, op);
+  const cudaError_t status = LaunchTensorCoreSpmm(stream, s, type, op, kind);
   if (status != cudaSuccess)
     return ffi::Error::Internal(std::string("jaxsparse tensor-core spmm: CUDA launch failed: ") +
                                 cudaGetErrorString(status));
@@ -75,7 +85,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TcSpmmCudaHandler, TcSpmmCudaImpl,
                                   .Arg<ffi::AnyBuffer>()  // channels (int32)
                                   .Arg<ffi::AnyBuffer>()  // bias, (Cout,) or (0,)
                                   .Ret<ffi::AnyBuffer>()  // out, (..., Cout)
-                                  .Attr<int64_t>("relu"),
+                                  .Attr<int64_t>("relu")
+                                  .Attr<int64_t>("design")   // TensorCoreDesign
+                                  .Attr<int64_t>("window")   // 128: a plan windowed to 128 channels
+                                  .Attr<int64_t>("tile_pixels"),  // chunked: 16, 32, 64; 0 automatic
                               {ffi::Traits::kCmdBufferCompatible});
 
 }  // namespace jaxsparse

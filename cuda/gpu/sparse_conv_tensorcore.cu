@@ -1,4 +1,4 @@
-// Tensor-core 1x1 sparse convolution over a per-filter union plan (see the header).
+// Tensor-core 1x1 sparse convolution over a per-filter union plan, design kSlab (see the header).
 //
 // One block (4 warps) stages a tile of NP pixels of the input, all Cin channels, into
 // shared memory channel-major ([ci][pixel], row pitch NP + 8 elements so that rows of
@@ -20,6 +20,7 @@
 
 #include "gpu/element_io.cuh"
 #include "gpu/dynamic_smem.h"
+#include "gpu/tensorcore_mma.cuh"
 #include "gpu/sparse_conv_tensorcore.h"
 
 namespace jaxsparse {
@@ -52,44 +53,6 @@ struct TcConfig {
   static_assert(kNP % 16 == 0 && kNP >= 16 && kNP <= 128, "pixels per block: 16..128, multiple of 16");
   static_assert(((kNP + 8) * sizeof(T)) % 16 == 0, "ldmatrix rows must stay 16-byte aligned");
 };
-
-__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ uint32_t ToTf32(float f) {
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(f));
-  return r;
-}
-
-template <typename T>
-__device__ __forceinline__ void Mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-template <>
-__device__ __forceinline__ void Mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                        uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void Mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void Mma1688Tf32(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 template <class Config>
 __global__ void __launch_bounds__(kThreads)
@@ -175,9 +138,7 @@ TensorCoreSpmmKernel(Args a, const typename Config::Element* __restrict__ x,
 #pragma unroll
         for (int j = 0; j < NT / 2; ++j) {
           uint32_t b0, b1, b2, b3;
-          asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                       : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3)
-                       : "r"(row + j * 16 * static_cast<uint32_t>(sizeof(T))));
+          LdMatrixX4Trans(row + j * 16 * static_cast<uint32_t>(sizeof(T)), b0, b1, b2, b3);
           Mma16816<T>(acc[2 * j], af, b0, b1);
           Mma16816<T>(acc[2 * j + 1], af, b2, b3);
         }
@@ -290,7 +251,7 @@ cudaError_t LaunchTyped(cudaStream_t stream, const TensorCoreShape& s, ElementTy
 }  // namespace
 }  // namespace tensorcore
 
-bool TensorCoreFits(const TensorCoreShape& s, ElementType type) {
+bool SlabTensorCoreFits(const TensorCoreShape& s, ElementType type) {
   return s.pixels > 0 && s.in_c > 0 && s.out_c > 0 && s.groups > 0 &&
          s.pixels <= INT32_MAX && s.pixels * s.out_c <= (int64_t{1} << 40) &&
          (s.groups + 1) * 16 <= INT32_MAX && [&] {
@@ -299,9 +260,9 @@ bool TensorCoreFits(const TensorCoreShape& s, ElementType type) {
          }();
 }
 
-cudaError_t LaunchTensorCoreSpmm(cudaStream_t stream, const TensorCoreShape& s, ElementType type,
+cudaError_t LaunchSlabTensorCore(cudaStream_t stream, const TensorCoreShape& s, ElementType type,
                                  const TensorCoreOperands& op) {
-  if (!TensorCoreFits(s, type)) return cudaErrorInvalidValue;
+  if (!SlabTensorCoreFits(s, type)) return cudaErrorInvalidValue;
   switch (type) {
     case ElementType::kF32: return tensorcore::LaunchTyped<float>(stream, s, type, op);
     case ElementType::kBF16: return tensorcore::LaunchTyped<__nv_bfloat16>(stream, s, type, op);

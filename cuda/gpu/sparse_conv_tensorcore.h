@@ -1,5 +1,8 @@
-// Tensor-core 1x1 sparse convolution over a per-filter union plan (issue 14, first kernel).
-// Host-callable launcher; no FFI or nanobind headers. The plan is jaxsparse/tc_plan.py's
+// Tensor-core 1x1 sparse convolution over a per-filter union plan (issue 14).
+// Host-callable launchers; no FFI or nanobind headers. Two designs, one file each:
+// `sparse_conv_tensorcore.cu` (kSlab: all Cin channels of a pixel tile staged once, warps
+// walk groups) and `sparse_conv_tensorcore_chunked.cu` (kChunked: Cin streamed in chunks,
+// one group per warp held in registers across the chunks, a 128-channel output tile). The plan is jaxsparse/tc_plan.py's
 // TensorCorePlan: output channels in groups of 16 (`channels`, -1 for missing rows), each
 // group's union columns padded to the mma k (`columns`, `col_offsets`), and the packed
 // dense tiles (`packed`, row-major 16 x k_padded per group at 16 * col_offsets[g]).
@@ -26,17 +29,35 @@ struct TensorCoreOperands {
 struct TensorCoreShape {
   int64_t pixels = 0, in_c = 0, out_c = 0, groups = 0, k_total = 0;
   bool relu = false;
+  // kChunked only: 128 when the plan is windowed to 128 channels (groups 8b..8b+7 hold the
+  // output channels [128 b, 128 b + 128)), so a block's outputs are contiguous; 0: any plan.
+  int64_t window = 0;
+  // kChunked only: pixels per block (16, 32 or 64); 0: the launcher's choice.
+  int64_t tile_pixels = 0;
 };
 
-// Whether the kernel takes this shape (the input slab of at least 16 pixels of all Cin
-// channels fits in shared memory).
-bool TensorCoreFits(const TensorCoreShape& s, ElementType type);
+enum class TensorCoreDesign : int { kSlab = 1, kChunked = 2 };
+
+// Whether a design takes this shape. kSlab: the input slab of at least 16 pixels of all
+// Cin channels fits in shared memory. kChunked: any Cin.
+bool SlabTensorCoreFits(const TensorCoreShape& s, ElementType type);
+bool ChunkedTensorCoreFits(const TensorCoreShape& s, ElementType type);
+inline bool TensorCoreFits(const TensorCoreShape& s, ElementType type, TensorCoreDesign design) {
+  return design == TensorCoreDesign::kChunked ? ChunkedTensorCoreFits(s, type) : SlabTensorCoreFits(s, type);
+}
 
 // bf16/f16: mma.sync m16n8k16 (plan k multiple 16); f32: TF32 m16n8k8 (plan k multiple 8).
 // Accumulation in float32, bias and ReLU fused. Column indices outside [0, Cin) are read
 // as channel 0 by construction of the plan; the launcher trusts the plan (the Python side
 // checks it against the filter's fingerprint).
-cudaError_t LaunchTensorCoreSpmm(cudaStream_t stream, const TensorCoreShape& s, ElementType type,
+cudaError_t LaunchSlabTensorCore(cudaStream_t stream, const TensorCoreShape& s, ElementType type,
                                  const TensorCoreOperands& op);
+cudaError_t LaunchChunkedTensorCore(cudaStream_t stream, const TensorCoreShape& s, ElementType type,
+                                    const TensorCoreOperands& op);
+inline cudaError_t LaunchTensorCoreSpmm(cudaStream_t stream, const TensorCoreShape& s, ElementType type,
+                                        const TensorCoreOperands& op, TensorCoreDesign design) {
+  return design == TensorCoreDesign::kChunked ? LaunchChunkedTensorCore(stream, s, type, op)
+                                              : LaunchSlabTensorCore(stream, s, type, op);
+}
 
 }  // namespace jaxsparse

@@ -1,0 +1,403 @@
+// Tensor-core 1x1 sparse convolution, design kChunked (issue 14, second design; see the header).
+//
+// Why a second design: kSlab staged all Cin channels of a pixel tile, so Cin = 1024/2048 left
+// 16 pixels per block and every A fragment (4 global loads a lane) fed 2 mma; its warps
+// walked the groups one after another behind dependent loads. Here:
+//  - a block is NP pixels x 8 groups (128 output channels), one group per warp, whose
+//    accumulators stay in registers while Cin streams through shared memory in chunks of
+//    4096 / NP channels (every chunk 4096 elements);
+//  - the chunks arrive through a ring of cp.async stages (4 for 16-bit types, 3 for float32),
+//    pixel-major as NHWC has them, so several chunks are in flight while the warps compute:
+//    the first version of this design loaded one chunk ahead through registers, and its
+//    blocks waited on memory latency (g1 reduce b32 at 0.95: 58 µs for 64 MB of traffic);
+//  - each landed chunk is transposed once in shared memory to channel-major (row pitch
+//    NP + 8), by ldmatrix.trans for 16-bit types and 16-byte loads for float32 (rounded to
+//    TF32 there, not per mma), so that a union channel's pixels form one ldmatrix row;
+//  - so NP is up to 64 whatever Cin: each A fragment feeds NP / 8 mma, and the next k-step's
+//    columns and A fragment are prefetched into registers;
+//  - the plan is not chunk-aware: a group's sorted union columns are walked once across the
+//    chunks; a k-step whose columns straddle a chunk boundary is issued in each chunk it
+//    touches, its lanes whose column lies in another chunk reading a zero row (each column
+//    still meets its weights exactly once);
+//  - outputs go through a shared [pixel][128] stage; with a plan windowed to 128 channels
+//    (`TensorCoreShape::window`) the block's channels are one contiguous run of each pixel's
+//    NHWC row and the copy out is coalesced 16-byte stores; otherwise a per-element scatter.
+// Tried and reverted: persistent blocks looping over pixel tiles with the ring running across
+// tiles (more registers, half the occupancy, idle blocks in the last round: slower; NOTES.md).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "gpu/dynamic_smem.h"
+#include "gpu/element_io.cuh"
+#include "gpu/sparse_conv_tensorcore.h"
+#include "gpu/tensorcore_mma.cuh"
+
+namespace jaxsparse {
+namespace tensorcore {
+namespace {
+
+constexpr int kGroupRows = 16;  // output channels per group (the mma m)
+
+struct ChunkedArgs {
+  int pixels, in_c, out_c, groups;
+  int relu, has_bias;
+  int vec_in;   // Cin % (16 / sizeof T) == 0 and x 16-byte aligned: 16-byte input loads
+  int window;   // 1: block b's channels are [128 b, 128 b + 128) (a windowed plan)
+  int vec_out;  // window and Cout % (16 / sizeof T) == 0 and out aligned: 16-byte stores
+};
+
+// Compile-time configuration (Sputnik style).
+template <typename T, int kPixels>
+struct ChunkedConfig {
+  using Element = T;
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>;  // raw element bits
+  static constexpr bool kTf32 = sizeof(T) == 4;
+  static constexpr int kK = kTf32 ? 8 : 16;          // mma k, the plan's k multiple
+  static constexpr int kWarps = 8;                   // one group each
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kChannels = kWarps * kGroupRows;  // output channels of a block: 128
+  static constexpr int kNP = kPixels;                // pixels of a block
+  static constexpr int kNT = kNP / 8;                // n-tiles of 8 pixels per warp
+  static constexpr int kChunk = 4096 / kNP;         // input channels per chunk
+  static constexpr int kStages = kTf32 ? 3 : 4;      // cp.async ring depth
+  static constexpr int kVec = 16 / sizeof(T);        // elements per 16-byte copy
+  static constexpr int kRawPitch = kChunk + kVec;    // pixel-major landing row pitch (+16 B: no bank conflicts)
+  static constexpr int kRawElems = kNP * kRawPitch;
+  static constexpr int kPitch = kNP + 8;             // channel-major chunk row pitch, elements
+  static constexpr int kCopies = kNP * kChunk / kVec / kThreads;  // 16-byte copies per thread and chunk
+  static constexpr int kStagePitch = kChannels + 8;  // output stage row pitch, elements
+  static constexpr int kSlabElems = kStages * kRawElems + (kChunk + 1) * kPitch;  // ring, chunk, zero row
+  static constexpr int kStageElems = kNP * kStagePitch;
+  static constexpr int kSmemBytes = (kSlabElems > kStageElems ? kSlabElems : kStageElems) * sizeof(T);
+  static_assert(kNP == 16 || kNP == 32 || kNP == 64, "pixels per block: 16, 32 or 64");
+  static_assert(kTf32 || kNT % 2 == 0, "ldmatrix.x4 covers two n-tiles");
+  static_assert((kPitch * sizeof(T)) % 16 == 0, "ldmatrix rows and 16-byte fills need aligned rows");
+  static_assert((kStagePitch * sizeof(T)) % 16 == 0, "16-byte copies out of the stage");
+  static_assert(kChunk % 32 == 0 && kCopies >= 1 && kNP * kChunk % (kVec * kThreads) == 0,
+                "chunks of whole 8x32 transposition tiles and whole copies per thread");
+  static_assert(kNP * kChunk / 256 == 2 * kWarps, "two 8x32 transposition tiles per warp (16-bit types)");
+  static_assert((kRawPitch * sizeof(T)) % 16 == 0 && ((kRawPitch * sizeof(T) / 4) % 32) == 4,
+                "landing rows 16-byte aligned, consecutive rows 4 banks apart");
+  static_assert(kSmemBytes <= 100 * 1024, "at least two blocks per SM");
+};
+
+// Starts the copy of chunk `chunk` (NP pixels x kChunk channels, pixel-major) into a landing
+// stage: 16-byte cp.async where x allows (zeros past the last pixel or channel), else plain
+// element copies (Cin not a multiple of the vector, or x misaligned). Threads run over a
+// pixel's channels fastest: coalesced global reads.
+template <class C>
+__device__ __forceinline__ void IssueChunk(const ChunkedArgs& a, const typename C::Element* __restrict__ x,
+                                           int p0, int chunk, typename C::Bits* raw) {
+  using Bits = typename C::Bits;
+  constexpr int kPerRow = C::kChunk / C::kVec;
+#pragma unroll
+  for (int j = 0; j < C::kCopies; ++j) {
+    const int i = threadIdx.x + j * C::kThreads;
+    const int p = i / kPerRow, v = i - p * kPerRow;
+    const int gp = p0 + p, ch = chunk * C::kChunk + v * C::kVec;
+    Bits* dst = raw + p * C::kRawPitch + v * C::kVec;
+    const typename C::Element* src = x + static_cast<int64_t>(gp) * a.in_c + ch;
+    if (a.vec_in) {
+      const bool ok = gp < a.pixels && ch < a.in_c;
+      CpAsync16(dst, ok ? static_cast<const void*>(src) : static_cast<const void*>(x), ok ? 16 : 0);
+    } else {
+#pragma unroll
+      for (int k = 0; k < C::kVec; ++k)
+        dst[k] = gp < a.pixels && ch + k < a.in_c ? __ldg(reinterpret_cast<const Bits*>(src) + k) : Bits(0);
+    }
+  }
+}
+
+// Transposes a landed stage into the channel-major chunk: 16-bit types by ldmatrix.trans (a
+// warp takes 8 pixels x 32 channels: lane i gives the row of pixel i & 7 at channel block
+// i >> 3, and receives two neighbouring pixels of one channel as a 32-bit word); float32 by
+// 16-byte loads of 4 channels, rounded to TF32.
+template <class C>
+__device__ __forceinline__ void TransposeChunk(const typename C::Bits* raw, typename C::Bits* chunk) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if constexpr (C::kTf32) {
+#pragma unroll
+    for (int j = 0; j < C::kNP * C::kChunk / 4 / C::kThreads; ++j) {
+      const int i = threadIdx.x + j * C::kThreads;
+      const int p = i % C::kNP, v = i / C::kNP;  // pixels fastest: conflict-free stores
+      const uint4 w = *reinterpret_cast<const uint4*>(raw + p * C::kRawPitch + 4 * v);
+      chunk[(4 * v + 0) * C::kPitch + p] = ToTf32(__uint_as_float(w.x));
+      chunk[(4 * v + 1) * C::kPitch + p] = ToTf32(__uint_as_float(w.y));
+      chunk[(4 * v + 2) * C::kPitch + p] = ToTf32(__uint_as_float(w.z));
+      chunk[(4 * v + 3) * C::kPitch + p] = ToTf32(__uint_as_float(w.w));
+    }
+  } else {
+#pragma unroll
+    for (int o = 0; o < 2; ++o) {
+      const int tile = warp * 2 + o;
+      const int pg = tile % (C::kNP / 8), cg = tile / (C::kNP / 8);  // 8-pixel, 32-channel block
+      uint32_t d[4];
+      LdMatrixX4Trans(SmemAddr(raw + (pg * 8 + (lane & 7)) * C::kRawPitch + cg * 32 + (lane >> 3) * 8),
+                      d[0], d[1], d[2], d[3]);
+#pragma unroll
+      for (int m = 0; m < 4; ++m)
+        *reinterpret_cast<uint32_t*>(chunk + (cg * 32 + m * 8 + (lane >> 2)) * C::kPitch + pg * 8 + 2 * (lane & 3)) =
+            d[m];
+    }
+  }
+}
+
+// One k-step's operands of the calling lane: its union column(s) and its A fragment.
+struct Step {
+  int col0, col1;  // bf16/f16: col0 = column (lane & 15); TF32: columns q and q + 4
+  uint32_t a[4];
+};
+
+template <class C>
+__device__ __forceinline__ void LoadStep(const int32_t* __restrict__ cols, const typename C::Element* __restrict__ tile,
+                                         int kp, int step, int lane, Step& st) {
+  const int r0 = lane >> 2, q = lane & 3, k0 = step * C::kK;
+  if constexpr (C::kTf32) {
+    st.col0 = __ldg(cols + k0 + q);
+    st.col1 = __ldg(cols + k0 + q + 4);
+    const float* tf = reinterpret_cast<const float*>(tile);
+    st.a[0] = ToTf32(__ldg(tf + r0 * kp + k0 + q));
+    st.a[1] = ToTf32(__ldg(tf + (r0 + 8) * kp + k0 + q));
+    st.a[2] = ToTf32(__ldg(tf + r0 * kp + k0 + q + 4));
+    st.a[3] = ToTf32(__ldg(tf + (r0 + 8) * kp + k0 + q + 4));
+  } else {
+    st.col0 = __ldg(cols + k0 + (lane & 15));
+    st.col1 = st.col0;
+    const uint32_t* t0 = reinterpret_cast<const uint32_t*>(tile + r0 * kp + k0 + 2 * q);
+    const uint32_t* t1 = reinterpret_cast<const uint32_t*>(tile + (r0 + 8) * kp + k0 + 2 * q);
+    st.a[0] = __ldg(t0);
+    st.a[1] = __ldg(t1);
+    st.a[2] = __ldg(t0 + 4);
+    st.a[3] = __ldg(t1 + 4);
+  }
+}
+
+// The mma of one k-step over the warp's NP pixels, lanes whose column is outside [cs, cs +
+// kChunk) reading the zero row.
+template <class C>
+__device__ __forceinline__ void MmaStep(const typename C::Bits* chunk, const typename C::Bits* zero_row, int cs,
+                                        int lane, const Step& st, float (&acc)[C::kNT][4]) {
+  const auto row = [&](int col) {
+    return static_cast<unsigned>(col - cs) < static_cast<unsigned>(C::kChunk) ? chunk + (col - cs) * C::kPitch
+                                                                              : zero_row;
+  };
+  if constexpr (C::kTf32) {
+    const int r0 = lane >> 2;
+    const uint32_t* s0 = row(st.col0) + r0;
+    const uint32_t* s1 = row(st.col1) + r0;
+#pragma unroll
+    for (int t = 0; t < C::kNT; ++t) Mma1688Tf32(acc[t], st.a, s0[8 * t], s1[8 * t]);
+  } else {
+    // ldmatrix.x4.trans: lanes 0-15 give union rows k0..k0+15 at pixels 0-7 of an n-pair,
+    // lanes 16-31 the same rows at pixels 8-15.
+    const uint32_t addr = SmemAddr(row(st.col0) + (lane >> 4) * 8);
+#pragma unroll
+    for (int j = 0; j < C::kNT / 2; ++j) {
+      uint32_t b0, b1, b2, b3;
+      LdMatrixX4Trans(addr + j * 16 * static_cast<uint32_t>(sizeof(typename C::Element)), b0, b1, b2, b3);
+      Mma16816<typename C::Element>(acc[2 * j], st.a, b0, b1);
+      Mma16816<typename C::Element>(acc[2 * j + 1], st.a, b2, b3);
+    }
+  }
+}
+
+// The block's outputs: fragments (rows r0 / r0 + 8, pixels 2q, 2q + 1 of each n-tile) with
+// bias and ReLU into the stage [pixel][slot], then out of it: the block's contiguous channel
+// run of each pixel (windowed), else each slot to its channel.
+template <class C>
+__device__ __forceinline__ void StoreTile(const ChunkedArgs& a, const float (&acc)[C::kNT][4],
+                                          typename C::Element* stage, const int32_t* __restrict__ channels,
+                                          const typename C::Element* __restrict__ bias,
+                                          typename C::Element* __restrict__ out, int p0, int g, bool active) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int base = blockIdx.y * C::kChannels;  // the block's first slot (and channel, windowed)
+  if (active) {
+    const int r0 = lane >> 2, q = lane & 3;
+    const int ch0 = __ldg(channels + g * kGroupRows + r0), ch1 = __ldg(channels + g * kGroupRows + r0 + 8);
+    // Windowed: the stage column is the channel's place in the block's run; else the slot.
+    const int col0 = a.window ? ch0 - base : warp * kGroupRows + r0;
+    const int col1 = a.window ? ch1 - base : warp * kGroupRows + r0 + 8;
+    const bool ok0 = ch0 >= 0 && ch0 < a.out_c && static_cast<unsigned>(col0) < C::kChannels;
+    const bool ok1 = ch1 >= 0 && ch1 < a.out_c && static_cast<unsigned>(col1) < C::kChannels;
+    const float bias0 = a.has_bias && ok0 ? LoadAsFloat(bias + ch0) : 0.0f;
+    const float bias1 = a.has_bias && ok1 ? LoadAsFloat(bias + ch1) : 0.0f;
+#pragma unroll
+    for (int t = 0; t < C::kNT; ++t) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int p = 8 * t + 2 * q + e;
+        float v0 = acc[t][e] + bias0, v1 = acc[t][2 + e] + bias1;
+        if (a.relu) { v0 = ReluKeepNan(v0); v1 = ReluKeepNan(v1); }
+        if (ok0) StoreFromFloat(stage + p * C::kStagePitch + col0, v0);
+        if (ok1) StoreFromFloat(stage + p * C::kStagePitch + col1, v1);
+      }
+    }
+  }
+  __syncthreads();
+  const int np = min(C::kNP, a.pixels - p0);
+  if (a.window) {
+    const int n = min(C::kChannels, a.out_c - base);
+    if (a.vec_out) {
+      const int nv = n / C::kVec;
+      for (int i = tid; i < np * nv; i += C::kThreads) {
+        const int p = i / nv, v = i - p * nv;
+        *reinterpret_cast<uint4*>(out + static_cast<int64_t>(p0 + p) * a.out_c + base + v * C::kVec) =
+            *reinterpret_cast<const uint4*>(stage + p * C::kStagePitch + v * C::kVec);
+      }
+    } else {
+      for (int i = tid; i < np * n; i += C::kThreads) {
+        const int p = i / n, j = i - p * n;
+        out[static_cast<int64_t>(p0 + p) * a.out_c + base + j] = stage[p * C::kStagePitch + j];
+      }
+    }
+  } else {
+    const int slots = min(C::kChannels, (a.groups - static_cast<int>(blockIdx.y) * C::kWarps) * kGroupRows);
+    for (int i = tid; i < np * slots; i += C::kThreads) {
+      const int p = i / slots, j = i - p * slots;
+      const int ch = __ldg(channels + base + j);
+      if (ch >= 0 && ch < a.out_c) out[static_cast<int64_t>(p0 + p) * a.out_c + ch] = stage[p * C::kStagePitch + j];
+    }
+  }
+}
+
+template <class C>
+__global__ void __launch_bounds__(C::kThreads, 2)
+ChunkedTensorCoreKernel(ChunkedArgs a, const typename C::Element* __restrict__ x,
+                        const typename C::Element* __restrict__ packed, const int32_t* __restrict__ columns,
+                        const int32_t* __restrict__ col_offsets, const int32_t* __restrict__ channels,
+                        const typename C::Element* __restrict__ bias, typename C::Element* __restrict__ out) {
+  using T = typename C::Element;
+  using Bits = typename C::Bits;
+  constexpr int NP = C::kNP, NT = C::kNT, K = C::kK;
+  extern __shared__ float4 smem_raw[];
+  Bits* ring = reinterpret_cast<Bits*>(smem_raw);           // kStages landing stages
+  Bits* chunk_buf = ring + C::kStages * C::kRawElems;       // the channel-major chunk
+  Bits* zero_row = chunk_buf + C::kChunk * C::kPitch;
+
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int p0 = blockIdx.x * NP;
+  const int g = blockIdx.y * C::kWarps + warp;  // this warp's group
+  const bool active = g < a.groups;             // warp-uniform
+  int kb = 0, steps = 0;
+  if (active) {
+    kb = __ldg(col_offsets + g);
+    steps = (__ldg(col_offsets + g + 1) - kb) / K;
+  }
+  const int kp = steps * K;
+  const int32_t* cols = columns + kb;
+  const T* tile = packed + static_cast<int64_t>(kGroupRows) * kb;
+  float acc[NT][4];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
+
+  for (int i = tid; i < C::kPitch; i += C::kThreads) zero_row[i] = Bits(0);
+  const int chunks = (a.in_c + C::kChunk - 1) / C::kChunk;
+#pragma unroll
+  for (int c = 0; c < C::kStages - 1; ++c) {  // one commit group per chunk, empty ones too
+    if (c < chunks) IssueChunk<C>(a, x, p0, c, ring + c * C::kRawElems);
+    CpAsyncCommit();
+  }
+  int s = 0;  // the warp's next k-step
+  for (int c = 0; c < chunks; ++c) {
+    CpAsyncWait<C::kStages - 2>();  // chunk c has landed (this thread's copies)
+    // Everyone's copies of chunk c are visible; every warp is done with chunk c - 1, so the
+    // channel-major buffer and chunk c - 1's stage are free.
+    __syncthreads();
+    TransposeChunk<C>(ring + (c % C::kStages) * C::kRawElems, chunk_buf);
+    if (c + C::kStages - 1 < chunks)
+      IssueChunk<C>(a, x, p0, c + C::kStages - 1, ring + ((c + C::kStages - 1) % C::kStages) * C::kRawElems);
+    CpAsyncCommit();
+    __syncthreads();
+    const int cs = c * C::kChunk, ce = cs + C::kChunk;
+    if (active && s < steps) {
+      Step st, next;
+      LoadStep<C>(cols, tile, kp, s, lane, st);
+      while (true) {
+        // Sorted columns: the step's first column is lane 0's col0, its last lane 15's
+        // (bf16/f16) or lane 3's col1 (TF32).
+        const int first = __shfl_sync(0xffffffffu, st.col0, 0);
+        const int last = __shfl_sync(0xffffffffu, C::kTf32 ? st.col1 : st.col0, C::kTf32 ? 3 : 15);
+        if (first >= ce) break;  // the step starts in a later chunk
+        if (s + 1 < steps) LoadStep<C>(cols, tile, kp, s + 1, lane, next);
+        MmaStep<C>(chunk_buf, zero_row, cs, lane, st, acc);
+        if (last >= ce) break;  // the step goes on in the next chunk: issue it again there
+        if (++s == steps) break;
+        st = next;
+      }
+    }
+  }
+  CpAsyncWait<0>();
+  __syncthreads();  // the output stage aliases the ring and the chunk
+  StoreTile<C>(a, acc, reinterpret_cast<T*>(smem_raw), channels, bias, out, p0, g, active);
+}
+
+// Pixels per block: the largest tile that still gives two blocks per SM of the H200 (132
+// SMs), else 16.
+int ChunkedPixels(const TensorCoreShape& s) {
+  const int64_t blocks_y = (s.groups + 7) / 8;
+  for (int np : {64, 32}) {
+    if ((s.pixels + np - 1) / np * blocks_y >= 264) return np;
+  }
+  return 16;
+}
+
+template <class C>
+cudaError_t LaunchChunkedConfig(cudaStream_t stream, const TensorCoreShape& s, const TensorCoreOperands& op) {
+  using T = typename C::Element;
+  ChunkedArgs a{};
+  a.pixels = static_cast<int>(s.pixels);
+  a.in_c = static_cast<int>(s.in_c);
+  a.out_c = static_cast<int>(s.out_c);
+  a.groups = static_cast<int>(s.groups);
+  a.relu = s.relu ? 1 : 0;
+  a.has_bias = op.bias != nullptr ? 1 : 0;
+  a.vec_in = (s.in_c % C::kVec == 0 && reinterpret_cast<uintptr_t>(op.x) % 16 == 0) ? 1 : 0;
+  a.window = s.window == C::kChannels ? 1 : 0;
+  a.vec_out = (a.window && s.out_c % C::kVec == 0 && reinterpret_cast<uintptr_t>(op.out) % 16 == 0) ? 1 : 0;
+  if (cudaError_t e = AllowDynamicSmem(reinterpret_cast<const void*>(ChunkedTensorCoreKernel<C>), C::kSmemBytes);
+      e != cudaSuccess)
+    return e;
+  const dim3 grid(static_cast<unsigned>((s.pixels + C::kNP - 1) / C::kNP),
+                  static_cast<unsigned>((s.groups + C::kWarps - 1) / C::kWarps));
+  ChunkedTensorCoreKernel<C><<<grid, C::kThreads, C::kSmemBytes, stream>>>(
+      a, static_cast<const T*>(op.x), static_cast<const T*>(op.packed), op.columns, op.col_offsets, op.channels,
+      static_cast<const T*>(op.bias), static_cast<T*>(op.out));
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t LaunchChunkedTyped(cudaStream_t stream, const TensorCoreShape& s, const TensorCoreOperands& op) {
+  switch (s.tile_pixels ? s.tile_pixels : ChunkedPixels(s)) {
+    case 64: return LaunchChunkedConfig<ChunkedConfig<T, 64>>(stream, s, op);
+    case 32: return LaunchChunkedConfig<ChunkedConfig<T, 32>>(stream, s, op);
+    case 16: return LaunchChunkedConfig<ChunkedConfig<T, 16>>(stream, s, op);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+}  // namespace tensorcore
+
+bool ChunkedTensorCoreFits(const TensorCoreShape& s, ElementType) {
+  // 32-bit pixel and column arithmetic inside the kernel; grid.y = groups / 8.
+  return s.pixels > 0 && s.in_c > 0 && s.out_c > 0 && s.groups > 0 && s.pixels <= INT32_MAX &&
+         (s.tile_pixels == 0 || s.tile_pixels == 16 || s.tile_pixels == 32 || s.tile_pixels == 64) &&
+         s.in_c <= INT32_MAX / 2 && s.pixels * s.out_c <= (int64_t{1} << 40) &&
+         (s.groups + 1) * 16 <= INT32_MAX && (s.groups + 7) / 8 <= 65535;
+}
+
+cudaError_t LaunchChunkedTensorCore(cudaStream_t stream, const TensorCoreShape& s, ElementType type,
+                                    const TensorCoreOperands& op) {
+  if (!ChunkedTensorCoreFits(s, type)) return cudaErrorInvalidValue;
+  switch (type) {
+    case ElementType::kF32: return tensorcore::LaunchChunkedTyped<float>(stream, s, op);
+    case ElementType::kBF16: return tensorcore::LaunchChunkedTyped<__nv_bfloat16>(stream, s, op);
+    case ElementType::kF16: return tensorcore::LaunchChunkedTyped<__half>(stream, s, op);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace jaxsparse

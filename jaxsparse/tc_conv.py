@@ -79,8 +79,10 @@ def plan_for(filt: SparseFilter, window: int = DEFAULT_WINDOW) -> TensorCorePlan
 
 def kernel_window(plan: TensorCorePlan) -> int:
     """The chunked kernel's ``window`` attribute: `BLOCK_CHANNELS` when each block's groups hold
-    one contiguous run of channels (a plan windowed to it, or Cout within one block), else 0."""
-    return BLOCK_CHANNELS if plan.window == BLOCK_CHANNELS or plan.out_channels <= BLOCK_CHANNELS else 0
+    one contiguous run of channels (a plan windowed to it or to a divisor of it, or Cout within
+    one block), else 0."""
+    contiguous = plan.window and BLOCK_CHANNELS % plan.window == 0  # windows tile each block
+    return BLOCK_CHANNELS if contiguous or plan.out_channels <= BLOCK_CHANNELS else 0
 
 
 def tf32_forbidden(dtype, precision) -> bool:
@@ -106,9 +108,7 @@ def tensor_core_ineligible(kernel_size, strides, padding, dtype, precision) -> s
     return None
 
 
-def _check(x, filt: SparseFilter, plan: TensorCorePlan, bias, precision, design):
-    if design not in DESIGNS:
-        raise ValueError(f"design must be one of {sorted(DESIGNS)}, got {design!r}")
+def _check(x, filt: SparseFilter, plan: TensorCorePlan, bias, precision):
     if not isinstance(filt, SparseFilter):
         raise TypeError(f"filter must be a SparseFilter, got {type(filt).__name__}")
     if tuple(filt.kernel_size) not in ((1, 1), (1,)):
@@ -140,10 +140,15 @@ def tc_conv1x1(x, filt: SparseFilter, plan: TensorCorePlan | None = None, *, bia
     ``tile_pixels``: the chunked kernel's pixels per block (16, 32 or 64; None: its own
     choice), a benchmarking knob."""
     x = jnp.asarray(x)
-    plan = plan_for(filt) if plan is None else plan
-    _check(x, filt, plan, bias, precision, design)
+    if design not in DESIGNS:
+        raise ValueError(f"design must be one of {sorted(DESIGNS)}, got {design!r}")
     if tile_pixels not in (None, 16, 32, 64):
         raise ValueError(f"tile_pixels must be None, 16, 32 or 64, got {tile_pixels!r}")
+    if tile_pixels is not None and design != "chunked":
+        raise ValueError(f"tile_pixels applies to design='chunked', not {design!r}")
+    if plan is None:  # only the chunked design gains from windows (contiguous block outputs)
+        plan = plan_for(filt, window=DEFAULT_WINDOW if design == "chunked" else 0)
+    _check(x, filt, plan, bias, precision)
     relu = _relu_flag(activation)  # the activations sparse_conv takes
     packed, _ = plan.pack(filt)  # NaN-poisoned for a traced filter of another pattern
     out_shape = x.shape[:-1] + (filt.out_channels,)

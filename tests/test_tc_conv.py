@@ -85,6 +85,19 @@ def test_errors_name_the_problem():
         tc_conv1x1(x32, f32, design="wgmma")
     with pytest.raises(ValueError, match="tile_pixels"):
         tc_conv1x1(x32, f32, tile_pixels=48)
+    with pytest.raises(ValueError, match="chunked"):
+        tc_conv1x1(x32, f32, design="slab", tile_pixels=32)
+
+
+def test_kernel_window_marks_plans_whose_blocks_write_contiguous_channels():
+    from jaxsparse.tc_conv import kernel_window
+    f = jaxsparse.random_filter(4, (1, 1), 16, 300, 0.8, dtype=jnp.bfloat16)
+    assert kernel_window(plan_for(f, window=0)) == 0
+    for window in (32, 64, 128):  # windows that tile a 128-channel block
+        assert kernel_window(plan_for(f, window=window)) == 128
+    assert kernel_window(plan_for(f, window=256)) == 0
+    small = jaxsparse.random_filter(4, (1, 1), 16, 100, 0.8, dtype=jnp.bfloat16)
+    assert kernel_window(plan_for(small, window=0)) == 128  # one block holds every channel
 
 
 def test_plan_is_built_once_per_pattern_and_needs_a_concrete_one():

@@ -134,6 +134,13 @@ def test_gradient_is_gather_of_cotangent():
     expected = (jnp.cos(packed) * weights)[plan.positions]
     np.testing.assert_allclose(jax.grad(loss)(f.data), expected, rtol=1e-6)
     np.testing.assert_allclose(jax.jit(jax.grad(loss))(f.data), expected, rtol=1e-6)
+    # Regression: packing by a gather must not differentiate into a scatter-add of every
+    # zero slot onto one index (it is a custom JVP whose transpose is a gather).
+    assert "scatter-add" not in str(jax.make_jaxpr(jax.grad(loss))(f.data))
+    tangent = jax.jvp(lambda d: plan.pack(f.with_data(d))[0], (f.data,), (jnp.ones_like(f.data),))[1]
+    filled = np.zeros(plan.packed_size, bool)
+    filled[plan.positions] = True
+    np.testing.assert_array_equal(np.asarray(tangent), filled.astype(np.float32))
 
 
 def test_traced_pack_matches_eager_and_poisons_a_mismatch():
@@ -292,3 +299,33 @@ def test_windowed_plan_saved_and_checked(tmp_path):
     save_file(dict(tensors, channels=swapped), str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(TensorCorePlanError, match="outside its window"):
         jaxsparse.load_plan(tmp_path / "bad.safetensors")
+
+
+def test_loaded_plan_with_unsorted_columns_or_a_bad_window_is_refused(tmp_path):
+    """The chunked kernel walks each group's columns in order: a file whose columns are not
+    increasing within a group is refused, as is a window that is not an integer."""
+    import json
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+    f = jaxsparse.random_filter(9, (1, 1), 64, 20, 0.8)
+    plan = tensor_core_plan(f, 16, 16)
+    path = tmp_path / "plan.safetensors"
+    jaxsparse.save_plan(plan, path)
+    with safe_open(str(path), framework="numpy") as fh:
+        meta = fh.metadata()
+    tensors = load_file(str(path))
+    columns = tensors["columns"].copy()
+    lo = int(plan.col_offsets[0])
+    columns[lo], columns[lo + 1] = columns[lo + 1], columns[lo]  # two distinct union columns
+    save_file(dict(tensors, columns=columns), str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(TensorCorePlanError, match="increasing"):
+        jaxsparse.load_plan(tmp_path / "bad.safetensors")
+    inner = json.loads(meta["jaxsparse_tensor_core_plan"])
+    for window in (None, "wide"):
+        bad_meta = dict(meta, jaxsparse_tensor_core_plan=json.dumps(dict(inner, window=window)))
+        save_file(tensors, str(tmp_path / "bad_window.safetensors"), metadata=bad_meta)
+        if window is None:  # an absent or null window is an unwindowed plan (older files)
+            assert jaxsparse.load_plan(tmp_path / "bad_window.safetensors").window == 0
+        else:
+            with pytest.raises(TensorCorePlanError, match="window"):
+                jaxsparse.load_plan(tmp_path / "bad_window.safetensors")

@@ -35,7 +35,7 @@ parser.add_argument("--ffma", action="store_true", help="also time the exact FFM
 parser.add_argument("--layers", default=",".join(LAYERS))
 parser.add_argument("--out", default="")
 args = parser.parse_args()
-variants = [(v.split(":") + ["0"])[:3] for v in args.variants.split(",")]
+variants = [(v.split(":") + ["0", "0"])[:3] for v in args.variants.split(",")]
 variants = [(d, int(w), int(t) or None) for d, w, t in variants]
 
 

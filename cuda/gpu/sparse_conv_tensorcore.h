@@ -47,9 +47,11 @@ inline bool TensorCoreFits(const TensorCoreShape& s, ElementType type, TensorCor
 }
 
 // bf16/f16: mma.sync m16n8k16 (plan k multiple 16); f32: TF32 m16n8k8 (plan k multiple 8).
-// Accumulation in float32, bias and ReLU fused. Column indices outside [0, Cin) are read
-// as channel 0 by construction of the plan; the launcher trusts the plan (the Python side
-// checks it against the filter's fingerprint).
+// Accumulation in float32, bias and ReLU fused. The launchers trust the plan (the Python
+// side checks it against the filter's fingerprint); memory stays in bounds for any column
+// values: kSlab clamps them to [0, Cin), kChunked reads a zero row for a column outside the
+// current chunk. kChunked also needs each group's columns in increasing order (as plans
+// build them, and as loading a plan checks), else it skips columns.
 cudaError_t LaunchSlabTensorCore(cudaStream_t stream, const TensorCoreShape& s, ElementType type,
                                  const TensorCoreOperands& op);
 cudaError_t LaunchChunkedTensorCore(cudaStream_t stream, const TensorCoreShape& s, ElementType type,

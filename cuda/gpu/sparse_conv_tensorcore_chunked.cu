@@ -382,8 +382,9 @@ cudaError_t LaunchChunkedTyped(cudaStream_t stream, const TensorCoreShape& s, co
 }  // namespace tensorcore
 
 bool ChunkedTensorCoreFits(const TensorCoreShape& s, ElementType) {
-  // 32-bit pixel and column arithmetic inside the kernel; grid.y = groups / 8.
-  return s.pixels > 0 && s.in_c > 0 && s.out_c > 0 && s.groups > 0 && s.pixels <= INT32_MAX &&
+  // 32-bit pixel and column arithmetic inside the kernel (a tile's pixel index may pass the
+  // last pixel by up to 63); grid.y = groups / 8.
+  return s.pixels > 0 && s.in_c > 0 && s.out_c > 0 && s.groups > 0 && s.pixels <= INT32_MAX - 64 &&
          (s.tile_pixels == 0 || s.tile_pixels == 16 || s.tile_pixels == 32 || s.tile_pixels == 64) &&
          s.in_c <= INT32_MAX / 2 && s.pixels * s.out_c <= (int64_t{1} << 40) &&
          (s.groups + 1) * 16 <= INT32_MAX && (s.groups + 7) / 8 <= 65535;

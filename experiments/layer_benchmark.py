@@ -8,7 +8,9 @@ Sparse and dense at the same dtype, in the same run, by the same method:
   layer, including those that cannot be chained (stride-2 projections, the
   sentence CNN);
 * for the stride-1 ResNet-50 1x1 layers also `jax.experimental.sparse` BCSR
-  (cuSPARSE) in channel-major form, float32.
+  (cuSPARSE) in channel-major form, float32, and (``--tensor_cores``) the tensor-core
+  family `jaxsparse.tc_conv1x1` at the modes that allow tensor cores (TF32, bf16, f16),
+  in the same row as the dense time it is compared with (``tc_*``, ``speedup_tc_*``).
 
 Every chain time is checked, also against twice the measured matmul peak of its mode (the
 largest of the modes sharing a sparse or BCSR time); rows keep the check (``dense_check``,
@@ -35,7 +37,7 @@ import layers as L
 import tables as T
 
 FLAGS = flags.FLAGS
-common.define_flags("k_small", "k_large", "bcsr", "budget_s", "out",
+common.define_flags("k_small", "k_large", "bcsr", "tensor_cores", "budget_s", "out",
                     modes=["float32_highest", "float32", "bfloat16"], repeats=10)
 flags.DEFINE_list("parts", ["vgg1", "r50", "kim", "vgg32"],
                   "Parts to run: vgg1 (VGG-16 batch 1), vgg32 (batch 32 sweep), r50 (ResNet-50 1x1, "
@@ -105,6 +107,7 @@ def main(argv):
 
     sparse_cache = {}
     dense_cache = {}
+    tc_cache = {}
 
     def measure(layer, batch, sparsity, pattern, modes, chainable=True):
         """Dense and sparse at each mode for one layer (or layer+mirror pair)."""
@@ -151,6 +154,19 @@ def main(argv):
                 dense_cache[dkey] = (chain_us(steps_d, x, dense_flops, [mode]) if kind != "none" else None,
                                      kern_us(one(steps_d), x))
             dc, dk = dense_cache[dkey]
+            tc = {}
+            if FLAGS.tensor_cores and kind != "none" and L.tensor_core_ready(layer, mode):
+                tkey = (layer.name, batch, sparsity, pattern, str(dt), kind)
+                if tkey not in tc_cache:
+                    op = L.tensor_core_op(f, fm)  # plans from the concrete filters
+                    steps_t = [lambda x, f=f: op(x, f)] + ([lambda x, f=fm: op(x, f)] if mirror else [])
+                    tc_cache[tkey] = (chain_us(steps_t, x, flops, same_dtype(L.MODES[mode][0])),
+                                      kern_us(one(steps_t), x))
+                tcc, tck = tc_cache[tkey]
+                tc = dict(tc_chain_us=tcc, tc_kernel_us=tck,
+                          speedup_tc_chain=(dc / tcc) if tcc and dc and tcc > 0 else None,
+                          speedup_tc_kernel=(dk / tck) if tck and dk and tck > 0 else None,
+                          **T.check_fields("tc", tcc))
             row = dict(layer=layer.name, model=layer.model, shape=layer.describe(), batch=batch,
                        sparsity=sparsity, pattern=used, mode=mode, chain_kind=kind, nnz=nnz,
                        sparse_chain_us=sc, dense_chain_us=dc, sparse_kernel_us=sk, dense_kernel_us=dk,
@@ -158,12 +174,15 @@ def main(argv):
                        speedup_kernel=(dk / sk) if sk and dk and sk > 0 else None,
                        sparse_tflops_kernel=flops / (sk * 1e-6) / 1e12 if sk else None,
                        sparse_tflops_chain=flops / (sc * 1e-6) / 1e12 if sc and sc > 0 else None,
-                       **T.check_fields("sparse", sc), **T.check_fields("dense", dc))
+                       **T.check_fields("sparse", sc), **T.check_fields("dense", dc), **tc)
             rows.append(row)
             print(f"{layer.name:22s} {'+mirror' if mirror else '':7s} b{batch:<3d} s={sparsity:<5} {mode:16s} "
                   f"chain sparse {fmt(sc)} dense {fmt(dc)} x{fmt(row['speedup_chain'], 5, 2)} | "
                   f"kernel sparse {fmt(sk)} dense {fmt(dk)} x{fmt(row['speedup_kernel'], 5, 2)} | "
-                  f"{fmt(row['sparse_tflops_kernel'], 5, 2)} TFLOP/s{fallback_note(row)}", flush=True)
+                  f"{fmt(row['sparse_tflops_kernel'], 5, 2)} TFLOP/s"
+                  + (f" | tensor cores chain {fmt(tc['tc_chain_us'])} x{fmt(tc['speedup_tc_chain'], 5, 2)} kernel "
+                     f"{fmt(tc['tc_kernel_us'])} x{fmt(tc['speedup_tc_kernel'], 5, 2)}" if tc else "")
+                  + fallback_note(row), flush=True)
             save()
 
     def measure_bcsr(layer, batch, sparsity):
@@ -245,7 +264,8 @@ def fmt(v, w=8, d=1):
 
 # Fields of a row and the chain-timed sides they rest on (`tables.fallback_fields`).
 RESTS_ON = {"sparse_chain_us": ("sparse",), "dense_chain_us": ("dense",), "speedup_chain": ("dense", "sparse"),
-            "sparse_tflops_chain": ("sparse",), "bcsr_chain_us": ("bcsr",)}
+            "sparse_tflops_chain": ("sparse",), "bcsr_chain_us": ("bcsr",), "tc_chain_us": ("tc",),
+            "speedup_tc_chain": ("dense", "tc")}
 
 
 def fallback_note(row) -> str:
@@ -254,11 +274,12 @@ def fallback_note(row) -> str:
 
 
 def break_even(rows):
-    """Break-even sparsity (`breakeven.py`) per (layer, batch, mode), on chain and on kernel time;
-    chain speedups resting on a fallback time are left out."""
+    """Break-even sparsity (`breakeven.py`) per (layer, batch, mode), on chain and on kernel time,
+    of the sparse kernels and (``tc_chain``, ``tc_kernel``) of the tensor-core family; chain
+    speedups resting on a fallback time are left out."""
     convs = T.measured([r for r in rows if not r.get("impl")], RESTS_ON)  # not the BCSR rows
     out = []
-    for measure in ("chain", "kernel"):
+    for measure in ("chain", "kernel", "tc_chain", "tc_kernel"):
         out += [{**be, "measure": measure} for be in breakeven.break_even_rows(
                 convs, group=("layer", "batch", "mode"), speedup=f"speedup_{measure}", carry=())
                 if be["note"] != "n/a"]

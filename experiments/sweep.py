@@ -11,8 +11,11 @@ dtype, in the same run, by the same method (``jaxsparse.benchmark``):
   (``--kernel_time``), so launch and dispatch overhead show separately;
 * `jax.experimental.sparse` BCSR for the 1x1 layers at float32 (a matmul on the
   channel-major (C, N*H*W) view, its best layout);
+* the tensor-core family (`jaxsparse.tc_conv1x1`, ``--tensor_cores``) on the stride-1 1x1
+  layers at the modes that allow tensor cores (TF32 for float32, bf16, f16), against the
+  same dense time, with its own break-even sparsity (``break_even_tc``, ``breakeven_tc.csv``);
 * every chain time checked (`B.chain_time_us`, also against twice the measured matmul peak)
-  and the check kept per row (``dense_check``, ``sparse_check``, ``bcsr_check``, details in
+  and the check kept per row (``dense_check``, ``sparse_check``, ``bcsr_check``, ``tc_check``, details in
   ``*_timing``); a fallback time is marked ``~`` and left out of break-even, gains and geomeans.
 
 Writes ``sweep.json`` (the result envelope of ``common.py``), ``sweep.csv`` (with device,
@@ -47,7 +50,7 @@ import tables as T
 DEFAULT_SPARSITY = [0.8, 0.9, 0.95, 0.98]  # enough points for a speedup curve and a break-even
 
 common.define_flags("modes", "batch", "cnn_batch", "pattern", "repeats", "out", "scale", "seed", "progress",
-                    "budget_s", "kernel_time", "k_small", "k_large", "bcsr", model=["all"],
+                    "budget_s", "kernel_time", "k_small", "k_large", "bcsr", "tensor_cores", model=["all"],
                     sparsity=DEFAULT_SPARSITY, choices={"model": L.MODELS + ("all",)})
 flags.DEFINE_list("layers", ["auto"], "Layer names (e.g. vgg.conv3_2,r50.g2.reduce), 'all', 'quick', "
                   "or 'auto' = quick on CPU, all on GPU.")
@@ -72,6 +75,7 @@ class SweepConfig:
     seed: int = 0
     kernel_time: str = "all"
     bcsr: bool = True
+    tensor_cores: bool = True
     peak_n: int = 0
     k_small: int = 0
     k_large: int = 0
@@ -188,7 +192,12 @@ def run_sweep(cfg: SweepConfig) -> dict:
     plan = [(l, b) for l in layers for b in batches_for(l, cfg)]
     dtypes = list(dict.fromkeys(L.MODES[m][0] for m in cfg.modes))
     use_bcsr = cfg.bcsr and "float32" in dtypes
-    total = sum(len(cfg.modes) + len(dtypes) * len(cfg.sparsity)
+    def tc_dtypes(layer):  # the dtypes at which some requested mode runs the tensor-core family
+        if not cfg.tensor_cores:
+            return []
+        return list(dict.fromkeys(L.MODES[m][0] for m in cfg.modes if L.tensor_core_ready(layer, m)))
+
+    total = sum(len(cfg.modes) + (len(dtypes) + len(tc_dtypes(l))) * len(cfg.sparsity)
                 + (len(cfg.sparsity) if use_bcsr and l.is_1x1 else 0) for l, _ in plan)
     bar = tqdm(total=total + 1, disable=not cfg.progress, desc="sweep", unit="meas", dynamic_ncols=True)
 
@@ -211,8 +220,10 @@ def run_sweep(cfg: SweepConfig) -> dict:
 
     def result():
         measured = T.measured(rows)  # fallback times are left out of break-even and gains
+        with_tc = [r for r in measured if "speedup_tc" in r]
         return common.envelope("sweep", dataclasses.asdict(cfg), rows, start, skipped, env,
                                peaks_tflops=peaks, break_even=breakeven.break_even_rows(measured),
+                               break_even_tc=breakeven.break_even_rows(with_tc, speedup="speedup_tc"),
                                reduced_precision=T.reduced_precision_table(measured, *T.SWEEP_RP_KEYS))
 
     for layer, batch in plan:
@@ -225,7 +236,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
         mirror = layer.mirror
         dense_w = L.dense_kernel(layer, cfg.seed)
         dense_wm = L.dense_kernel(mirror, cfg.seed + 1) if mirror else None
-        dense, sparse, bcsr = {}, {}, {}
+        dense, sparse, bcsr, tc = {}, {}, {}, {}
         for mode in cfg.modes:
             bar.set_postfix_str(f"{layer.name} b{batch} dense {mode}")
             dt, prec = L.mode_dtype(mode), L.mode_precision(mode)
@@ -244,6 +255,15 @@ def run_sweep(cfg: SweepConfig) -> dict:
                                            None if mfilt is None else mfilt.astype(dt), cfg, kernel,
                                            step_flops(layer, batch, filt, mfilt), dtype_peak(peaks, dtn))
                 bar.update(1)
+        for dtn in tc_dtypes(layer):  # the tensor-core family, same method, filters as jit arguments
+            dt = jnp.dtype(dtn)
+            for s in cfg.sparsity:
+                bar.set_postfix_str(f"{layer.name} b{batch} tensor cores {dtn} {s:g}")
+                filt, _, mfilt = get_filter(layer, s)
+                f, mf = filt.astype(dt), None if mfilt is None else mfilt.astype(dt)
+                tc[(dtn, s)] = measure(layer, L.tensor_core_op(f, mf), x32.astype(dt), f, mf, cfg, kernel,
+                                       step_flops(layer, batch, filt, mfilt), dtype_peak(peaks, dtn))
+                bar.update(1)
         if use_bcsr and layer.is_1x1:
             for s in cfg.sparsity:
                 bar.set_postfix_str(f"{layer.name} b{batch} bcsr {s:g}")
@@ -258,7 +278,8 @@ def run_sweep(cfg: SweepConfig) -> dict:
                 filt, used, mfilt = get_filter(layer, s)
                 sp = sparse[(dtn, s)]
                 rows.append(make_row(layer, batch, mode, s, used, filt, mfilt, sp, d,
-                                     bcsr.get(s) if dtn == "float32" else None, peaks, itemsize))
+                                     bcsr.get(s) if dtn == "float32" else None, peaks, itemsize,
+                                     tc.get((dtn, s)) if L.tensor_core_ready(layer, mode) else None))
         # A checkpoint per layer: a run killed from outside keeps what it measured.
         common.write_result(result(), partial_path(cfg.out))
     bar.close()
@@ -272,7 +293,7 @@ def partial_path(out: str) -> str:
     return common.output_path(out, "sweep.json").removesuffix(".json") + ".partial.json"
 
 
-def make_row(layer, batch, mode, s, used, filt, mfilt, sp, d, bc, peaks, itemsize) -> dict:
+def make_row(layer, batch, mode, s, used, filt, mfilt, sp, d, bc, peaks, itemsize, tc=None) -> dict:
     pair = layer.chain_kind == "pair"
     sparse_flops, dense_flops = step_flops(layer, batch, filt, mfilt), step_flops(layer, batch)
     # The basis of the comparison: chain time where the layer chains; otherwise kernel time
@@ -310,6 +331,10 @@ def make_row(layer, batch, mode, s, used, filt, mfilt, sp, d, bc, peaks, itemsiz
         b_t = bc["kernel_us"] if basis == "kernel" and bc.get("kernel_us") else bc["us"]
         row.update({"bcsr_us": float(bc["us"]), "bcsr_kernel_us": bc.get("kernel_us"),
                     "speedup_vs_bcsr": T.ratio(b_t, s_t), **T.check_fields("bcsr", bc["us"])})
+    if tc is not None:  # the tensor-core family against the same dense time, on the same basis
+        t_t = tc["kernel_us"] if basis == "kernel" and tc.get("kernel_us") else tc["us"]
+        row.update({"tc_us": float(tc["us"]), "tc_kernel_us": tc.get("kernel_us"),
+                    "speedup_tc": T.ratio(d_t, t_t), **T.check_fields("tc", tc["us"])})
     return row
 
 
@@ -321,7 +346,7 @@ TABLE = [("layer", "layer", ""), ("shape", "shape", ""), ("batch", "N", ""), ("m
          ("sparse_kernel_us", "sp kern µs", ".1f"), ("dense_kernel_us", "dn kern µs", ".1f"),
          ("sparse_tflops", "sp TF/s", ".3g"), ("sparse_frac_peak", "sp %peak", ".1%"),
          ("bcsr_us", "BCSR µs", ".1f"), ("bcsr_kernel_us", "BCSR kern µs", ".1f"),
-         ("speedup_vs_bcsr", "vs BCSR", ".2f")]
+         ("speedup_vs_bcsr", "vs BCSR", ".2f"), ("tc_us", "TC µs", ".1f"), ("speedup_tc", "TC speedup", ".2f")]
 
 
 COLUMNS = """\
@@ -332,7 +357,9 @@ columns: per = what one time covers: op (the layer chained on itself), pair (the
   effective rate, 2 * nnz * N * Ho * Wo / time; sp %peak = sp TF/s as a fraction of the measured
   dense matmul peak at that mode; BCSR = jax.experimental.sparse (cuSPARSE SpMM on the GPU) on
   channel-major activations, float32, its chain time and its kernel time (BCSR kern µs, the
-  cuSPARSE and transpose kernels of one call) from the same run; ~ = rests on a fallback time (a chain time that failed its checks
+  cuSPARSE and transpose kernels of one call) from the same run; TC = the tensor-core family
+  (tc_conv1x1: TF32 for float32, bf16/f16 products), timed the same way on the stride-1 1x1
+  layers at the modes allowing tensor cores, TC speedup = dense / TC; ~ = rests on a fallback time (a chain time that failed its checks
   on every attempt: T(k_large)/k_large, an upper bound), left out of break-even, gains, geomean."""
 
 
@@ -352,6 +379,11 @@ def report(result: dict) -> str:
         lines += ["", "break-even sparsity (sparse faster above it):",
                   T.format_table(be, [("layer", "layer", ""), ("batch", "N", ""), ("mode", "mode", ""),
                                       ("note", "break-even", ""), ("basis", "basis", "")])]
+    if result.get("break_even_tc") and len({r["sparsity"] for r in result["rows"]}) > 1:
+        lines += ["", "break-even sparsity of the tensor-core family (TC faster than dense above it):",
+                  T.format_table(result["break_even_tc"], [("layer", "layer", ""), ("batch", "N", ""),
+                                                           ("mode", "mode", ""), ("note", "break-even", ""),
+                                                           ("basis", "basis", "")])]
     if result["reduced_precision"]:
         lines += ["", "reduced precision: gain = time at float32 / time at bf16/f16 (>1 = faster)",
                   T.format_table(result["reduced_precision"], RP_TABLE)]
@@ -361,7 +393,7 @@ def report(result: dict) -> str:
         lines += ["", "skipped (time budget): " + ", ".join(result["skipped"])]
     if fallbacks:
         lines += ["", f"{fallbacks} rows rest on a fallback time (~): see dense_check, sparse_check, "
-                  "bcsr_check and *_timing (reason, spread) in sweep.json"]
+                  "bcsr_check, tc_check and *_timing (reason, spread) in sweep.json"]
     lines += ["", f"geometric-mean speedup over all measured rows: {gm:.2f}x" if gm else "",
               f"wall time {result['elapsed_s']:.0f} s"]
     return "\n".join(lines)
@@ -383,6 +415,8 @@ def write_outputs(result: dict, out: str) -> list[str]:
     paths = [common.write_result(result, path("sweep.json")),
              T.write_csv(result["rows"], path("sweep.csv"), meta),
              T.write_csv(result["break_even"], path("breakeven.csv"), meta)]
+    if result.get("break_even_tc"):
+        paths.append(T.write_csv(result["break_even_tc"], path("breakeven_tc.csv"), meta))
     if result["reduced_precision"]:
         paths.append(T.write_csv(result["reduced_precision"], path("reduced_precision.csv"), meta))
     if os.path.exists(partial_path(out)):

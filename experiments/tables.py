@@ -30,12 +30,13 @@ def geomean(values: Iterable[float]) -> float | None:
 
 # ---- checked chain times ---------------------------------------------------------
 
-SIDES = ("dense", "sparse", "bcsr")
-# Fields of a sweep row and the timed sides ('dense', 'sparse', 'bcsr') each rests on.
+SIDES = ("dense", "sparse", "bcsr", "tc")
+# Fields of a sweep row and the timed sides ('dense', 'sparse', 'bcsr', 'tc' = the tensor-core
+# family) each rests on.
 RESTS_ON = {"sparse_us": ("sparse",), "dense_us": ("dense",), "speedup": ("dense", "sparse"),
             "sparse_tflops": ("sparse",), "dense_tflops": ("dense",), "sparse_frac_peak": ("sparse",),
             "dense_frac_peak": ("dense",), "sparse_frac_f32_peak": ("sparse",), "bcsr_us": ("bcsr",),
-            "speedup_vs_bcsr": ("bcsr", "sparse")}
+            "speedup_vs_bcsr": ("bcsr", "sparse"), "tc_us": ("tc",), "speedup_tc": ("dense", "tc")}
 
 
 def check_fields(side: str, t) -> dict:

@@ -20,10 +20,11 @@ REPO = EXPERIMENTS.parent
 # Each script's own flags: what its --help must list (the shared ones come from common.py).
 OWN_FLAGS = {
     "sweep": "model layers sparsity modes batch cnn_batch pattern repeats budget_s out scale seed progress "
-             "kernel_time k_small k_large bcsr peak_n",
+             "kernel_time k_small k_large bcsr tensor_cores peak_n",
     "network": "model sparsity modes batch cnn_batch pattern repeats budget_s out scale seed progress "
                "kernel_time han",
-    "layer_benchmark": "parts modes repeats budget_s out k_small k_large bcsr chain vgg1_layers kim_batch",
+    "layer_benchmark": "parts modes repeats budget_s out k_small k_large bcsr tensor_cores chain vgg1_layers "
+                       "kim_batch",
     "whole_model_benchmark": "model batch sparsity modes repeats budget_s out width resolution auto",
     "train_kim": "datasets sparsity batch repeats seed out progress embed_dim feature_maps epochs "
                  "prune_epochs finetune_epochs",

@@ -185,6 +185,16 @@ def test_sweep_tiny(tmp_path, parse_flags, capsys):
     assert by[("kim.w3", "bfloat16", 0.8)]["basis"] in ("call", "kernel")
     assert by[("r50.g4.reduce", "float32", 0.8)]["bcsr_us"] is not None
     assert "bcsr_us" not in by[("r50.g4.reduce", "bfloat16", 0.8)]
+    # The tensor-core family on the stride-1 1x1 pair at both modes (TF32, bf16), nowhere else,
+    # with its own break-even per (layer, mode).
+    for mode in ("float32", "bfloat16"):
+        tc_row = by[("r50.g4.reduce", mode, 0.95)]
+        assert tc_row["tc_us"] > 0 and tc_row["speedup_tc"] == pytest.approx(
+            T.ratio(tc_row["dense_us"], tc_row["tc_us"])) and tc_row["tc_check"] in CHECKS
+    assert not any("tc_us" in r for r in rows if r["layer"] != "r50.g4.reduce")
+    assert {(r["layer"], r["mode"]) for r in result["break_even_tc"]} == {("r50.g4.reduce", "float32"),
+                                                                        ("r50.g4.reduce", "bfloat16")}
+    assert "tensor-core family" in printed and len(_read_csv(out / "breakeven_tc.csv")[1]) == 2
     assert all(np.isfinite(r["sparse_us"]) and np.isfinite(r["dense_us"]) for r in rows)
     assert all(r["sparse_kernel_us"] is None for r in rows) or B.gpu_present()
     # The two float32-exact sparse measurements are shared, the dense ones are not.
@@ -289,7 +299,7 @@ def test_fallback_times_are_recorded_marked_and_left_out(tmp_path, monkeypatch, 
     monkeypatch.setattr(sweep, "measure_peaks", lambda modes, n: {"float32": 3.0, "float32_highest": 1.0})
     cfg = sweep.SweepConfig(model=["resnet50_1x1"], layers=["r50.g4.reduce"], sparsity=[0.5, 0.8, 0.95],
                             modes=["float32"], batch=[1], cnn_batch=[], scale=8, repeats=1, k_small=1, k_large=3,
-                            pattern="uniform", out=str(tmp_path), progress=False)
+                            pattern="uniform", out=str(tmp_path), progress=False, tensor_cores=False)
     result = sweep.run_sweep(cfg)
     by = {r["sparsity"]: r for r in result["rows"]}
     layer = L.select(["resnet50_1x1"], ["r50.g4.reduce"])[0].scaled(8)
@@ -369,3 +379,8 @@ def test_layer_benchmark_tiny(tmp_path):
                 for r in result["rows"]]
     note = BE.break_even([0.8, 0.95], speedups)[1]
     assert [b["note"] for b in chain] == ([note] if note != "n/a" else [])
+    # The tensor-core family (TF32 at the float32 mode) beside the dense time of each row.
+    assert all(r["tc_chain_us"] > 0 and r["tc_check"] in CHECKS for r in result["rows"])
+    assert all(r["speedup_tc_chain"] == pytest.approx(r["dense_chain_us"] / r["tc_chain_us"])
+               for r in result["rows"])
+    assert {b["measure"] for b in result["break_even"]} >= {"chain"}

@@ -1,4 +1,8 @@
-"""Tensor-core 1x1 sparse convolution over a `TensorCorePlan` (issue 14; experimental).
+"""Tensor-core sparse convolution over a `TensorCorePlan` (issue 14; experimental).
+
+`tc_conv` takes any kernel size, strides, padding and dilation: a 1x1 stride-1 unpadded
+convolution runs `tc_conv1x1` directly; any other runs it on the explicit im2col of the input
+(`im2col`, in the plan's column order), since the direct KxK kernel is not built yet.
 
 ``tc_conv1x1(x, filter)`` computes the same 1x1, stride-1, unpadded convolution as
 `jaxsparse.sparse_conv`, on the GPU with tensor cores: the filter's output channels in
@@ -20,6 +24,7 @@ The union semantics differ from ``sparse_conv`` for non-finite inputs: see
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 
 import numpy as np
@@ -28,11 +33,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxsparse import options
+from jaxsparse import geometry, options
 from jaxsparse.format import SparseFilter
 from jaxsparse.ops import _relu_flag
 from jaxsparse.reference import dense_conv_nhwc
-from jaxsparse.tc_plan import TensorCorePlan, TensorCorePlanError, _filter_fingerprint, tensor_core_plan
+from jaxsparse.tc_plan import (TensorCorePlan, TensorCorePlanError, _filter_fingerprint, flat_filter,
+                               tensor_core_plan)
 
 TARGET = "jaxsparse_tc_spmm"
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -185,3 +191,57 @@ def tc_conv1x1(x, filt: SparseFilter, plan: TensorCorePlan | None = None, *, bia
         return y, (jnp.where(y > 0, dy, jnp.zeros_like(dy)) if relu else dy)
 
     return apply(x, packed, b)
+
+
+def im2col(x, kernel_size, strides, padding, dilation):
+    """``(N, *out_spatial, taps * Cin)``: the patches of an ``(N, *spatial, Cin)`` input, channel
+    ``tap * Cin + ci`` (taps row-major over the kernel) holding input channel ``ci`` at that
+    tap: the filter's column order, so a filter's 1x1 view (`flat_filter`) convolves them.
+    ``padding``: explicit (low, high) pairs. XLA fuses the pad, slices and concatenation."""
+    out_spatial = geometry.conv_output_shape(x.shape, kernel_size, strides, padding, dilation, 1)[1:-1]
+    if x.size == 0 or 0 in out_spatial:  # nothing to gather (an empty axis)
+        return jnp.zeros((x.shape[0],) + out_spatial + (math.prod(kernel_size) * x.shape[-1],), x.dtype)
+    xp = jnp.pad(x, ((0, 0),) + tuple(tuple(p) for p in padding) + ((0, 0),))
+    cols = []
+    for tap in itertools.product(*(range(k) for k in kernel_size)):
+        start = tuple(t * d for t, d in zip(tap, dilation))
+        limit = tuple(b + (o - 1) * st + 1 for b, o, st in zip(start, out_spatial, strides))
+        cols.append(lax.slice(xp, (0,) + start + (0,), (x.shape[0],) + limit + (x.shape[-1],),
+                              (1,) + tuple(strides) + (1,)))
+    return jnp.concatenate(cols, axis=-1)
+
+
+def tc_conv(x, filt: SparseFilter, plan: TensorCorePlan | None = None, *, strides=1, padding="SAME",
+            rhs_dilation=1, bias=None, activation: str | None = None, precision=None,
+            design: str = DEFAULT_DESIGN, tile_pixels: int | None = None):
+    """`jaxsparse.sparse_conv`'s convolution (same arguments and layouts: NHWC / NWC, padding
+    'SAME', 'VALID' or pairs) on tensor cores, over ``plan`` (the filter's `plan_for` if None).
+
+    1x1, stride 1, unpadded: `tc_conv1x1`. Otherwise `tc_conv1x1` of the filter's 1x1 view on
+    the explicit `im2col` of ``x`` (taps x the input in memory, read once by the kernel): the
+    direct KxK kernel is not built yet. ``design`` and ``tile_pixels`` as for `tc_conv1x1`.
+    Non-finite inputs follow the union semantics of `jaxsparse.tc_plan`."""
+    if not isinstance(filt, SparseFilter):
+        raise TypeError(f"filter must be a SparseFilter, got {type(filt).__name__}")
+    x = jnp.asarray(x)
+    ndim = len(filt.kernel_size)
+    if x.ndim != ndim + 2:
+        raise ValueError(f"x must have rank {ndim + 2} (batch, {ndim} spatial axes, channels) for a "
+                         f"{ndim}-D filter, got shape {x.shape}")
+    if x.shape[-1] != filt.in_channels:
+        raise ValueError(f"x must end in Cin = {filt.in_channels} channels, got shape {x.shape}")
+    strides = geometry.normalize_ints(strides, ndim, "strides")
+    dilation = geometry.normalize_ints(rhs_dilation, ndim, "rhs_dilation")
+    pads = geometry.normalize_padding(padding, x.shape[1:-1], filt.kernel_size, strides, dilation)
+    kw = dict(bias=bias, activation=activation, precision=precision, design=design, tile_pixels=tile_pixels)
+    if all(k == 1 for k in filt.kernel_size) and all(s == 1 for s in strides) and not any(map(any, pads)):
+        return tc_conv1x1(x, filt, plan, **kw)
+    if x.size and any(not geometry.kernel_fits(n, k, p, d)
+                      for n, k, p, d in zip(x.shape[1:-1], filt.kernel_size, pads, dilation)):
+        raise ValueError(f"input spatial shape {x.shape[1:-1]} is smaller than the dilated kernel "
+                         f"{filt.kernel_size} (dilation {dilation}) even after padding {pads}")
+    if plan is None:
+        plan = plan_for(filt, window=DEFAULT_WINDOW if design == "chunked" else 0)
+    plan.check(filt)
+    return tc_conv1x1(im2col(x, filt.kernel_size, strides, pads, dilation), flat_filter(filt), plan.flattened(),
+                      **kw)

@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 from jax import lax
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 import jaxsparse
-from jaxsparse import tc_conv1x1
+from jaxsparse import tc_conv, tc_conv1x1
 from jaxsparse.tc_conv import plan_for
-from helpers import dense_from_filter, filter_with_empty_rows, random_input
+from helpers import dense_from_filter, draw_conv_geometry, filter_with_empty_rows, random_input, ref_conv
 
 SHAPES = [  # batch, hw, cin, cout, sparsity
     (1, 7, 64, 48, 0.9), (2, 5, 40, 21, 0.8), (1, 3, 8, 16, 0.0), (3, 4, 24, 33, 1.0),
@@ -210,4 +213,94 @@ def test_chunked_kernel_every_tile(dtype, tile_pixels, window):
     # bf16: 2e-2 (issue 14); float32 runs TF32 products: 2^-10 relative to sum |w||x| is
     # generous for rounded TF32 (XLA's own error is compared in the test above).
     bound = 2e-2 if dtype == "bfloat16" else 2.0 ** -9
+    assert (np.abs(out - ref) / np.maximum(scale, 1e-30)).max() <= bound
+
+
+# ---- any geometry: tc_conv (the 1x1 kernel on the im2col of the input) -------------------
+
+@st.composite
+def conv_cases(draw):
+    nd = draw(st.sampled_from([1, 2]))
+    geo = draw_conv_geometry(draw, nd, kernel=st.integers(1, 3), dilation=st.integers(1, 2),
+                             stride=st.integers(1, 2), extra=st.integers(0, 4))
+    cin, cout = draw(st.integers(1, 9)), draw(st.integers(1, 35))
+    sparsity = draw(st.sampled_from([0.0, 0.7, 0.95, 1.0]))
+    return geo, cin, cout, sparsity, draw(st.integers(1, 2)), draw(st.integers(0, 2**31 - 1))
+
+
+def tc_reference(x, f, geo, bias=None, relu=False):
+    kernel = dense_from_filter(f).astype(np.float64)
+    conv = dict(strides=geo["strides"], padding=geo["padding"], rhs_dilation=geo["dilation"])
+    xd = np.asarray(np.asarray(x, np.float32), np.float64)
+    bd = None if bias is None else np.asarray(np.asarray(bias, np.float32), np.float64)
+    return (ref_conv(xd, kernel, bias=bd, relu=relu, **conv),
+            ref_conv(xd, kernel, bias=bd, absolute=True, **conv))
+
+
+def run_conv(x, f, geo, variant=("chunked", 128), **kw):
+    design, window = variant
+    plan = plan_for(f, window=window)
+    fn = jax.jit(lambda x, f: tc_conv(x, f, plan, strides=geo["strides"], padding=geo["padding"],
+                                      rhs_dilation=geo["dilation"], design=design, **kw))
+    return np.asarray(fn(x, f).astype(jnp.float32), np.float64)
+
+
+@settings(deadline=None, max_examples=40)
+@given(conv_cases())
+def test_any_geometry_matches_the_float64_reference(case):
+    """On the CPU (XLA path): im2col in the plan's column order, the 1x1 view of the filter and
+    of its plan, strides, padding, dilation, 1-D and 2-D, empty rows and 0 / 100 % sparsity."""
+    geo, cin, cout, sparsity, batch, seed = case
+    rng = np.random.default_rng(seed)
+    f = jaxsparse.random_filter(seed % 1000, geo["kernel_size"], cin, cout, sparsity)
+    x = jnp.asarray(random_input(rng, (batch,) + geo["spatial"] + (cin,)))
+    bias = jnp.asarray(rng.standard_normal(cout), jnp.float32)
+    with jax.default_device(jax.devices("cpu")[0]):
+        out = run_conv(x, f, geo, bias=bias, activation="relu")
+    ref, scale = tc_reference(x, f, geo, bias, relu=True)
+    assert out.shape == ref.shape
+    assert np.all(np.abs(out - ref) <= 1e-5 * scale + 1e-6)
+
+
+def test_tc_conv_errors_and_plans():
+    f = jaxsparse.random_filter(0, (3, 3), 4, 8, 0.5)
+    x = jnp.ones((1, 6, 6, 4))
+    with pytest.raises(ValueError, match="rank 4"):
+        tc_conv(jnp.ones((6, 6, 4)), f)
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+        tc_conv(jnp.ones((1, 2, 2, 4)), f, padding="VALID")
+    with pytest.raises(ValueError, match="strides"):
+        tc_conv(x, f, strides=0)
+    with pytest.raises(jaxsparse.TensorCorePlanError):  # a plan of another pattern
+        tc_conv(x, f, plan_for(jaxsparse.random_filter(1, (3, 3), 4, 8, 0.5)))
+    with pytest.raises(TypeError, match="SparseFilter"):
+        tc_conv(x, np.ones((3, 3, 4, 8)))
+    assert tc_conv(jnp.ones((0, 6, 6, 4)), f).shape == (0, 6, 6, 8)
+    # the flattened plan is the plan of the filter's 1x1 view
+    flat = plan_for(f).flattened()
+    assert flat.in_channels == 36 and flat.kernel_size == (1, 1)
+    flat.check(jaxsparse.tc_plan.flat_filter(f))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", [("slab", 0), ("chunked", 0), ("chunked", 128)])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("shape", [
+    # batch, spatial, cin, cout, kernel, strides, padding, dilation, sparsity
+    (2, (14, 14), 64, 64, (3, 3), 1, "SAME", 1, 0.9),
+    (1, (15, 13), 37, 130, (3, 3), 2, "SAME", 1, 0.95),
+    (2, (11, 12), 24, 40, (3, 3), 1, ((2, 1), (0, 3)), 2, 0.8),
+    (4, (56,), 50, 100, (5,), 1, "VALID", 1, 0.9),  # the sentence CNN's form
+])
+def test_kernel_any_geometry(variant, dtype, shape):
+    batch, spatial, cin, cout, kernel, strides, padding, dilation, sparsity = shape
+    rng = np.random.default_rng(cin * cout)
+    dt = jnp.dtype(dtype)
+    f = filter_with_empty_rows(rng, kernel, cin, cout, sparsity, dt, empty_rows=[0])
+    x = gpu(jnp.asarray(random_input(rng, (batch,) + spatial + (cin,)), dt))
+    geo = dict(strides=strides, padding=padding, dilation=dilation)
+    out = run_conv(x, f, geo, variant)
+    ref, scale = tc_reference(x, f, geo)
+    assert np.all(np.isfinite(out)) and out.shape == ref.shape
+    bound = 2e-2 if dtype == "bfloat16" else 2.0 ** -9  # TF32 products for float32
     assert (np.abs(out - ref) / np.maximum(scale, 1e-30)).max() <= bound

@@ -15,7 +15,7 @@
 #   NCU_LAYER, NCU_FAMILIES, NCU_DTYPE, NCU_B1_ONLY, NCU_B32_FAMILIES (profiled one launch each),
 #   NCU_SOURCE (a family: its per-instruction SASS counts; summarise with tools/ncu_hot_loops.py)
 #   NCU_TC, NCU_TC_LAYERS, NCU_TC_ONLY (tensor-core designs, e.g. tc-slab,tc-chunked, on DLMC layers, batch 32, 0.95)
-#   TC_VARIANTS (tools/tc_bench.py --variants), TC_SANITIZE_CASES (tools/sanitize_layers.py TC_CASES of the TensorCore sanitizer pass)
+#   TC_VARIANTS, TC_VGG (tools/tc_bench.py --variants, --vgg), TC_SANITIZE_CASES (tools/sanitize_layers.py TC_CASES of the TensorCore sanitizer pass)
 #   PYTEST_ARGS   extra pytest arguments for the GPU tests (e.g. "-k vgg")
 #   BENCH_ARGS    arguments for experiments/layer_benchmark.py
 #   BENCH_TIMEOUT seconds for the benchmark (default 300)
@@ -193,7 +193,7 @@ if has tc; then
   grep -E "^(FAILED|ERROR)|Error|assert" "$OUT/tests_tc.log" | head -20 | tee -a "$SUMMARY"
 fi
 has tc_bench && run_step tc_bench ${TC_BENCH_TIMEOUT:-200} python3 tools/tc_bench.py --sparsity=${TC_SPARSITY:-0.9,0.95} \
-  --variants=${TC_VARIANTS:-slab:0,chunked:0,chunked:128} --out=$OUT/tc.jsonl
+  --variants=${TC_VARIANTS:-slab:0,chunked:0,chunked:128} --vgg=${TC_VGG:-} --out=$OUT/tc.jsonl
 # Issue 11's check: VGG-16 with HIGHEST convolutions, policy='auto' at 90 %, batch 1, against dense
 # and all-sparse in the same run (nnx.split + jax.jit of the pure function).
 has auto_check && run_step auto_check ${AUTO_TIMEOUT:-200} python3 experiments/whole_model_benchmark.py --width=1 \

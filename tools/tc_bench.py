@@ -2,7 +2,8 @@
 
     python3 tools/tc_bench.py --sparsity=0.9,0.95 --batches=1,32 --out=$OUT/tc.jsonl
 
-The eight DLMC ResNet-50 1x1 layers; per layer, batch, sparsity, dtype (bfloat16, and
+The eight DLMC ResNet-50 1x1 layers (and with --vgg VGG-16 3x3 layers, which run the 1x1
+kernel on the im2col of the input: the im2col kernels are in the total); per layer, batch, sparsity, dtype (bfloat16, and
 float32 at default precision = TF32 on both sides) and kernel variant (design, plan
 window): GPU kernel time of one jitted call (profiler trace) of `tc_conv1x1` (in all, with
 the packing of the weights, and of the tensor-core kernel alone), of XLA's dense
@@ -18,7 +19,7 @@ import numpy as np
 from jax import lax
 
 import jaxsparse
-from jaxsparse import tc_conv1x1
+from jaxsparse import tc_conv
 from jaxsparse.benchmark import kernel_time_us
 from jaxsparse.tc_conv import plan_for
 
@@ -32,15 +33,17 @@ parser.add_argument("--variants", default="slab:0,chunked:0,chunked:128",
                     help="kernel design:plan window[:tile pixels] (tc_conv.DESIGNS; window 0 clusters all "
                          "channels; tile pixels 16/32/64 for the chunked design, else its own choice)")
 parser.add_argument("--ffma", action="store_true", help="also time the exact FFMA sparse_conv")
-parser.add_argument("--layers", default=",".join(LAYERS))
+parser.add_argument("--layers", default=",".join(LAYERS), help="DLMC layers; empty for none")
+parser.add_argument("--vgg", default="", help="VGG-16 3x3 layers (conv1_2,conv2_2,conv3_2,conv4_2,conv5_1), "
+                    "magnitude-pruned random weights, through tc_conv (the 1x1 kernel on the im2col of the input)")
 parser.add_argument("--out", default="")
 args = parser.parse_args()
 variants = [(v.split(":") + ["0", "0"])[:3] for v in args.variants.split(",")]
 variants = [(d, int(w), int(t) or None) for d, w, t in variants]
 
 
-def dense(x, w):
-    return lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+def dense(x, w):  # SAME: VALID for the 1x1 layers
+    return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def tc_time(fn, x, f):
@@ -55,21 +58,35 @@ if args.out:
     out = open(args.out, "w")
 print(f"{'layer':30s} {'s':>5s} {'b':>3s} {'dtype':8s} {'variant':15s} {'u':>5s} {'tc us':>7s} {'kern us':>7s} "
       f"{'dense us':>8s} {'dense/kern':>10s}")
-for name in args.layers.split(","):
-    hw = layer_hw(name)
+VGG = {"conv1_2": (224, 64, 64), "conv2_2": (112, 128, 128), "conv3_2": (56, 256, 256),
+       "conv4_2": (28, 512, 512), "conv5_1": (14, 512, 512)}  # H = W, Cin, Cout of the 3x3 layers
+
+
+def cases():
+    """(name, H = W, filter maker) of every requested layer."""
+    for name in filter(None, args.layers.split(",")):
+        yield name, layer_hw(name), lambda sp, dt, name=name: jaxsparse.load_dlmc(name, sp, dtype=dt, seed=0)
+    for name in filter(None, args.vgg.split(",")):
+        hw, cin, cout = VGG[name]
+        yield "vgg." + name, hw, lambda sp, dt, cin=cin, cout=cout: jaxsparse.random_filter(
+            0, (3, 3), cin, cout, sp, dtype=dt)
+
+
+for name, hw, make in cases():
     for sp in map(float, args.sparsity.split(",")):
         for dt in map(jnp.dtype, args.dtypes.split(",")):
-            f = jaxsparse.load_dlmc(name, sp, dtype=dt, seed=0)
+            f = make(sp, dt)
             w = jnp.asarray(f.todense())
             for batch in map(int, args.batches.split(",")):
                 x = jnp.asarray(np.random.default_rng(batch).standard_normal((batch, hw, hw, f.in_channels)), dt)
                 dn = kernel_time_us(jax.jit(dense), x, w)["total_us"]
-                ff = (kernel_time_us(jax.jit(lambda x, f: jaxsparse.sparse_conv(x, f, padding="VALID")), x, f)
+                ff = (kernel_time_us(jax.jit(lambda x, f: jaxsparse.sparse_conv(x, f, padding="SAME")), x, f)
                       ["total_us"] if args.ffma else None)
                 for design, window, tile in variants:
                     plan = plan_for(f, window=window)
                     u = plan.stats()["u_padded"]
-                    tc, kern = tc_time(lambda x, f: tc_conv1x1(x, f, plan, design=design, tile_pixels=tile), x, f)
+                    tc, kern = tc_time(lambda x, f: tc_conv(x, f, plan, padding="SAME", design=design,
+                                                            tile_pixels=tile), x, f)
                     row = dict(layer=name, sparsity=sp, batch=batch, dtype=dt.name, design=design, window=window,
                                tile_pixels=tile,
                                union_fraction=u, tc_us=tc, tc_kernel_us=kern, dense_us=dn, ffma_us=ff,

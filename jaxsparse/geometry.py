@@ -156,6 +156,13 @@ def normalize_padding(padding, in_spatial: Sequence[int], kernel_size: Sequence[
     return pads
 
 
+def is_pointwise(kernel_size: Sequence[int], strides: Sequence[int], padding: Sequence[tuple[int, int]]) -> bool:
+    """Whether a convolution is a plain per-pixel matrix product: a 1x1 kernel, stride 1 and no
+    padding (explicit pairs; dilation does not matter for a 1x1 kernel)."""
+    return (all(k == 1 for k in kernel_size) and all(s == 1 for s in strides) and
+            all(tuple(p) == (0, 0) for p in padding))
+
+
 def dilated_size(kernel: int, dilation: int) -> int:
     """Extent of a kernel of ``kernel`` taps spaced ``dilation`` apart: (kernel - 1) * dilation + 1."""
     return (kernel - 1) * dilation + 1

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsparse.format import SUPPORTED_DTYPES, SparseFilter, SparseFilterError
-from jaxsparse.geometry import conv_output_shape, kernel_fits, normalize_ints, normalize_padding
+from jaxsparse.geometry import conv_output_shape, is_pointwise, kernel_fits, normalize_ints, normalize_padding
 from jaxsparse.options import ConvOptions
 from jaxsparse.primitive import bind
 
@@ -132,9 +132,7 @@ def sparse_conv(x, filter: SparseFilter, *, strides=1, padding="SAME", rhs_dilat
     pads = normalize_padding(padding, spatial, filter.kernel_size, strides, dilation)
     relu = _relu_flag(activation)
     options = ConvOptions.make(kernel, precision)
-    if options.kernel == "spmm" and not (all(k == 1 for k in filter.kernel_size) and
-                                          all(s == 1 for s in strides) and
-                                          all(p == (0, 0) for p in pads)):
+    if options.kernel == "spmm" and not is_pointwise(filter.kernel_size, strides, pads):
         raise ValueError("kernel='spmm' computes 1x1 convolutions with stride 1 and no padding only; "
                          f"got kernel {filter.kernel_size}, strides {strides}, padding {pads}")
     if bias is None:

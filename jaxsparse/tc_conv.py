@@ -35,7 +35,7 @@ from jax import lax
 
 from jaxsparse import geometry, options
 from jaxsparse.format import SparseFilter
-from jaxsparse.ops import _relu_flag
+from jaxsparse.ops import _check_kernel_fits, _relu_flag
 from jaxsparse.reference import dense_conv_nhwc
 from jaxsparse.tc_plan import (TensorCorePlan, TensorCorePlanError, _filter_fingerprint, flat_filter,
                                tensor_core_plan)
@@ -81,6 +81,12 @@ def plan_for(filt: SparseFilter, window: int = DEFAULT_WINDOW) -> TensorCorePlan
     else:
         _PLANS.move_to_end(key)
     return plan
+
+
+def _default_plan(filt: SparseFilter, design: str) -> TensorCorePlan:
+    """`plan_for` with the window the design gains from: 128 channels for 'chunked'
+    (contiguous block outputs), none for 'slab' (a smaller union)."""
+    return plan_for(filt, window=DEFAULT_WINDOW if design == "chunked" else 0)
 
 
 def kernel_window(plan: TensorCorePlan) -> int:
@@ -152,8 +158,7 @@ def tc_conv1x1(x, filt: SparseFilter, plan: TensorCorePlan | None = None, *, bia
         raise ValueError(f"tile_pixels must be None, 16, 32 or 64, got {tile_pixels!r}")
     if tile_pixels is not None and design != "chunked":
         raise ValueError(f"tile_pixels applies to design='chunked', not {design!r}")
-    if plan is None:  # only the chunked design gains from windows (contiguous block outputs)
-        plan = plan_for(filt, window=DEFAULT_WINDOW if design == "chunked" else 0)
+    plan = _default_plan(filt, design) if plan is None else plan
     _check(x, filt, plan, bias, precision)
     relu = _relu_flag(activation)  # the activations sparse_conv takes
     packed, _ = plan.pack(filt)  # NaN-poisoned for a traced filter of another pattern
@@ -234,14 +239,11 @@ def tc_conv(x, filt: SparseFilter, plan: TensorCorePlan | None = None, *, stride
     dilation = geometry.normalize_ints(rhs_dilation, ndim, "rhs_dilation")
     pads = geometry.normalize_padding(padding, x.shape[1:-1], filt.kernel_size, strides, dilation)
     kw = dict(bias=bias, activation=activation, precision=precision, design=design, tile_pixels=tile_pixels)
-    if all(k == 1 for k in filt.kernel_size) and all(s == 1 for s in strides) and not any(map(any, pads)):
+    if geometry.is_pointwise(filt.kernel_size, strides, pads):
         return tc_conv1x1(x, filt, plan, **kw)
-    if x.size and any(not geometry.kernel_fits(n, k, p, d)
-                      for n, k, p, d in zip(x.shape[1:-1], filt.kernel_size, pads, dilation)):
-        raise ValueError(f"input spatial shape {x.shape[1:-1]} is smaller than the dilated kernel "
-                         f"{filt.kernel_size} (dilation {dilation}) even after padding {pads}")
-    if plan is None:
-        plan = plan_for(filt, window=DEFAULT_WINDOW if design == "chunked" else 0)
+    if x.size:
+        _check_kernel_fits(x.shape[1:-1], filt.kernel_size, pads, dilation)
+    plan = _default_plan(filt, design) if plan is None else plan
     plan.check(filt)
     return tc_conv1x1(im2col(x, filt.kernel_size, strides, pads, dilation), flat_filter(filt), plan.flattened(),
                       **kw)

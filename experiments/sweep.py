@@ -376,14 +376,10 @@ def report(result: dict) -> str:
              COLUMNS, "", T.format_table(T.marked(result["rows"], TABLE), TABLE)]
     be = result["break_even"]
     if len({r["sparsity"] for r in result["rows"]}) > 1:
-        lines += ["", "break-even sparsity (sparse faster above it):",
-                  T.format_table(be, [("layer", "layer", ""), ("batch", "N", ""), ("mode", "mode", ""),
-                                      ("note", "break-even", ""), ("basis", "basis", "")])]
+        lines += ["", "break-even sparsity (sparse faster above it):", T.format_table(be, BE_TABLE)]
     if result.get("break_even_tc") and len({r["sparsity"] for r in result["rows"]}) > 1:
         lines += ["", "break-even sparsity of the tensor-core family (TC faster than dense above it):",
-                  T.format_table(result["break_even_tc"], [("layer", "layer", ""), ("batch", "N", ""),
-                                                           ("mode", "mode", ""), ("note", "break-even", ""),
-                                                           ("basis", "basis", "")])]
+                  T.format_table(result["break_even_tc"], BE_TABLE)]
     if result["reduced_precision"]:
         lines += ["", "reduced precision: gain = time at float32 / time at bf16/f16 (>1 = faster)",
                   T.format_table(result["reduced_precision"], RP_TABLE)]
@@ -399,6 +395,8 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
+BE_TABLE = [("layer", "layer", ""), ("batch", "N", ""), ("mode", "mode", ""), ("note", "break-even", ""),
+            ("basis", "basis", "")]
 RP_TABLE = [("layer", "layer", ""), ("batch", "N", ""), ("sparsity", "sparsity", "g"),
             ("low_mode", "low", ""), ("ref_mode", "ref", ""), ("dense_gain", "dense gain", ".2f"),
             ("sparse_gain", "sparse gain", ".2f"), ("speedup_ref", "speedup ref", ".2f"),

@@ -41,6 +41,11 @@ struct ConvGeometry {
 
   JAXSPARSE_HOST_DEVICE int64_t taps() const { return kernel_h * kernel_w * in_c; }
   JAXSPARSE_HOST_DEVICE int64_t output_pixels() const { return batch * out_h * out_w; }
+  // A 1x1, stride-1, unpadded convolution: output pixel p reads input pixel p.
+  JAXSPARSE_HOST_DEVICE bool pointwise() const {
+    return kernel_h == 1 && kernel_w == 1 && stride_h == 1 && stride_w == 1 && pad_h_lo == 0 && pad_h_hi == 0 &&
+           pad_w_lo == 0 && pad_w_hi == 0 && in_h == out_h && in_w == out_w;
+  }
 };
 
 }  // namespace jaxsparse

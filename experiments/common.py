@@ -101,8 +101,8 @@ VOCABULARY = {
     "k_large": Flag("integer", "Length of the long chain (0 = auto: 20 on a GPU, 8 on a CPU).", 0),
     "bcsr": Flag("bool", "Also time jax.experimental.sparse BCSR on the stride-1 1x1 layers (float32).",
                  True),
-    "tensor_cores": Flag("bool", "Also time the tensor-core family (jaxsparse.tc_conv1x1) on the stride-1 "
-                         "1x1 layers, at the modes that allow tensor cores (not float32_highest).", True),
+    "tensor_cores": Flag("bool", "Also time the tensor-core family (jaxsparse.tc_conv) on every layer, at "
+                         "the modes that allow tensor cores (not float32_highest).", True),
 }
 ALIASES = {old: name for name, f in VOCABULARY.items() for old in f.old_names}
 

@@ -8,9 +8,9 @@ Sparse and dense at the same dtype, in the same run, by the same method:
   layer, including those that cannot be chained (stride-2 projections, the
   sentence CNN);
 * for the stride-1 ResNet-50 1x1 layers also `jax.experimental.sparse` BCSR
-  (cuSPARSE) in channel-major form, float32, and (``--tensor_cores``) the tensor-core
-  family `jaxsparse.tc_conv1x1` at the modes that allow tensor cores (TF32, bf16, f16),
-  in the same row as the dense time it is compared with (``tc_*``, ``speedup_tc_*``).
+  (cuSPARSE) in channel-major form, float32;
+* (``--tensor_cores``) for every chainable layer the tensor-core family `jaxsparse.tc_conv`
+  at the modes that allow tensor cores (TF32, bf16, f16), in the same row as the dense time it is compared with (``tc_*``, ``speedup_tc_*``).
 
 Every chain time is checked, also against twice the measured matmul peak of its mode (the
 largest of the modes sharing a sparse or BCSR time); rows keep the check (``dense_check``,
@@ -158,7 +158,7 @@ def main(argv):
             if FLAGS.tensor_cores and kind != "none" and L.tensor_core_ready(layer, mode):
                 tkey = (layer.name, batch, sparsity, pattern, str(dt), kind)
                 if tkey not in tc_cache:
-                    op = L.tensor_core_op(f, fm)  # plans from the concrete filters
+                    op = L.tensor_core_op(layer, f, fm)  # plans from the concrete filters
                     steps_t = [lambda x, f=f: op(x, f)] + ([lambda x, f=fm: op(x, f)] if mirror else [])
                     tc_cache[tkey] = (chain_us(steps_t, x, flops, same_dtype(L.MODES[mode][0])),
                                       kern_us(one(steps_t), x))

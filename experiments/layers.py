@@ -362,20 +362,20 @@ def dense_conv(x, w, layer: Layer, precision, bias=None, relu: bool = False):
 
 
 def tensor_core_ready(layer: Layer, mode: str) -> bool:
-    """Whether `jaxsparse.tc_conv1x1` (the tensor-core family) runs ``layer`` at ``mode``: a
-    1x1 stride-1 layer, at a precision that allows tensor cores (not float32_highest)."""
+    """Whether `jaxsparse.tc_conv` (the tensor-core family) runs ``layer`` at ``mode``: at a
+    precision that allows tensor cores (not float32_highest); any geometry."""
     from jaxsparse.tc_conv import tensor_core_ineligible
-    return tensor_core_ineligible(layer.kernel, (layer.stride,) * 2, layer.padding, mode_dtype(mode),
-                                  mode_precision(mode)) is None
+    return tensor_core_ineligible(mode_dtype(mode), mode_precision(mode)) is None
 
 
-def tensor_core_op(*filters):
-    """``op(x, f)`` running `jaxsparse.tc_conv1x1` with the plan of whichever of ``filters``
-    (concrete; a layer and its mirror, which differ in shape) ``f`` is: the plans are built
-    here, outside jit, where the patterns are known."""
-    from jaxsparse.tc_conv import plan_for, tc_conv1x1
+def tensor_core_op(layer: Layer, *filters):
+    """``op(x, f)`` running `jaxsparse.tc_conv` for ``layer`` with the plan of whichever of
+    ``filters`` (concrete; a layer and its mirror, which differ in shape) ``f`` is: the plans
+    are built here, outside jit, where the patterns are known."""
+    from jaxsparse.tc_conv import plan_for, tc_conv
     plans = {(f.in_channels, f.out_channels): plan_for(f) for f in filters if f is not None}
-    return lambda x, f: tc_conv1x1(x, f, plans[(f.in_channels, f.out_channels)])
+    return lambda x, f: tc_conv(x, f, plans[(f.in_channels, f.out_channels)], strides=layer.stride,
+                                padding=layer.padding)
 
 
 def sparse_conv(x, filt, layer: Layer, bias=None, relu: bool = False):

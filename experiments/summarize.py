@@ -3,10 +3,11 @@ r"""Markdown summary of a GPU results folder: the numbers the README quotes, fro
     python3 experiments/summarize.py --sweep=experiments/results/h200/sweep.json \
         --network=experiments/results/h200/network.json \
         --whole_model='experiments/results/h200/whole_model/*.json' \
-        --raw=experiments/results/h200/raw --out=experiments/results/h200
+        --raw=experiments/results/h200/raw --out=experiments/results/h200 \
+        --tc=experiments/results/h200/tc_v4_direct_r50_vgg_2026-12-03.jsonl
 
 Every number is read from the result files (measured on the device by `sweep.py`,
-`network.py` and `whole_model_benchmark.py`); nothing is typed in by hand. Speedup =
+`network.py`, `whole_model_benchmark.py` and `tools/tc_bench.py`); nothing is typed in by hand. Speedup =
 dense / sparse at the same dtype (chain µs per op or pair; GPU kernel time where a
 layer cannot chain). Writes ``SUMMARY.md`` to ``--out`` (stdout without it).
 """
@@ -14,6 +15,7 @@ layer cannot chain). Writes ``SUMMARY.md`` to ``--out`` (stdout without it).
 from __future__ import annotations
 
 import glob
+import json
 import os
 
 from absl import app, flags
@@ -27,6 +29,7 @@ flags.DEFINE_string("sweep", None, "Merged sweep.json (plots.py --results=...)."
 flags.DEFINE_string("network", None, "Merged network.json.")
 flags.DEFINE_list("whole_model", [], "whole_model_benchmark.py JSON files (globs allowed).")
 flags.DEFINE_string("raw", "", "Folder of the per-call JSON files (for the 'skipped' lists).")
+flags.DEFINE_list("tc", [], "tools/tc_bench.py JSON-lines files of the tensor-core family (globs allowed).")
 common.define_flags("out", helps={"out": "Folder of SUMMARY.md, or the Markdown file's path (default: stdout)."})
 FLAGS = flags.FLAGS
 
@@ -177,14 +180,55 @@ def whole_model_table(paths):
                     fmt(r["sparse_us"] / 1e3, ".3f"), fmt(r["speedup"]),
                     fmt(r.get("dense_kernel_us") and r["dense_kernel_us"] / 1e3, ".3f"),
                     fmt(r.get("sparse_kernel_us") and r["sparse_kernel_us"] / 1e3, ".3f"),
-                    fmt(r["max_rel_diff"], ".1e")])
+                    fmt(r["max_rel_diff"], ".1e"), auto_cell(r)])
     measured = {(row[0], row[2], row[1]) for row in out}
     missing = [s for s in dict.fromkeys(skipped)
                if not any(s.startswith(m) and f"b{b}" in s and L.MODE_LABELS.get(s.split()[1]) == lab
                           for m, lab, b in measured)]
     text = table(["model", "N", "mode", "sparsity", "dense ms/call", "sparse ms/call", "x", "dense kernel ms",
-                  "sparse kernel ms", "max rel diff"], out)
+                  "sparse kernel ms", "max rel diff", "auto ms/call (sparse layers, on tensor cores)"], out)
     return text, missing
+
+
+# The layers of issue 14's VGG-16 targets: batch 1 all five, batch 32 all but conv1_2.
+TC_VGG_TARGETS = {1: ("conv1_2", "conv2_2", "conv3_2", "conv4_2", "conv5_1"),
+                  32: ("conv2_2", "conv3_2", "conv4_2", "conv5_1")}
+
+
+def tc_table(paths):
+    """The tensor-core family against XLA dense at the same dtype (float32 = TF32 on both sides),
+    per result file, kernel variant (design:plan window:tile pixels), layer set (the DLMC
+    ResNet-50 1x1 layers; VGG-16 3x3 over the issue's target layers), dtype, batch and
+    sparsity: geometric mean, min and max over the layers of dense kernel µs / tensor-core
+    kernel µs, and the geomean with the weight packing counted."""
+    out = []
+    for path in paths:
+        groups = {}
+        with open(path) as f:
+            for r in map(json.loads, filter(str.strip, f)):
+                vgg = r["layer"].startswith("vgg.")
+                if vgg and r["layer"][4:] not in TC_VGG_TARGETS.get(r["batch"], ()):
+                    continue
+                variant = f"{r.get('design', 'slab')}:{r.get('window', 0)}:{r.get('tile_pixels') or 'auto'}"
+                key = (variant, "VGG-16 3x3" if vgg else "R50 1x1 (DLMC)", r["dtype"], r["batch"], r["sparsity"])
+                groups.setdefault(key, []).append(r)
+        for (variant, family, dtype, batch, sparsity), rs in sorted(groups.items()):
+            kern = [r["dense_us"] / r["tc_kernel_us"] for r in rs]
+            call = [r["dense_us"] / r["tc_us"] for r in rs]
+            out.append([os.path.basename(path), variant, family, "TF32" if dtype == "float32" else dtype, batch, sparsity,
+                        len(rs), fmt(T.geomean(kern)), f"{min(kern):.2f}-{max(kern):.2f}", fmt(T.geomean(call))])
+    return table(["file", "variant", "layers", "dtype", "N", "sparsity", "n", "dense / TC kernel (geomean)", "min-max",
+                  "dense / TC call (geomean, with packing)"], out)
+
+
+def auto_cell(row) -> str:
+    """``policy='auto'``'s model (``--auto``): ms per call, and how many of its convolutions went
+    sparse and how many of those run the tensor-core kernel; '-' where it was not timed."""
+    if row.get("auto_us") is None:
+        return "-"
+    layers = row.get("auto_report", [])
+    on_tc = sum(bool(d.get("tensor_cores")) for d in layers)
+    return f"{row['auto_us'] / 1e3:.3f} ({row['auto_sparse_layers']}/{len(layers)}, {on_tc})"
 
 
 def main(argv):
@@ -239,6 +283,12 @@ def main(argv):
                   "", text]
         if missing:
             parts += ["", "Not measured (time budget): " + ", ".join(missing) + "."]
+    tc_paths = sorted(p for pat in FLAGS.tc for p in glob.glob(pat))
+    if tc_paths:
+        parts += ["", "## Tensor-core family (issue 14) against dense at the same dtype", "",
+                  "GPU kernel time of one jitted call from a profiler trace, `tools/tc_bench.py`; "
+                  "> 1 means the tensor-core kernel is faster. VGG-16 rows: the issue's target layers "
+                  "(batch 32 without conv1_2), magnitude-pruned random weights.", "", tc_table(tc_paths)]
     text = "\n".join(parts) + "\n"
     if FLAGS.out:
         path = common.output_path(FLAGS.out, "SUMMARY.md")

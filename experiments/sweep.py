@@ -11,8 +11,8 @@ dtype, in the same run, by the same method (``jaxsparse.benchmark``):
   (``--kernel_time``), so launch and dispatch overhead show separately;
 * `jax.experimental.sparse` BCSR for the 1x1 layers at float32 (a matmul on the
   channel-major (C, N*H*W) view, its best layout);
-* the tensor-core family (`jaxsparse.tc_conv1x1`, ``--tensor_cores``) on the stride-1 1x1
-  layers at the modes that allow tensor cores (TF32 for float32, bf16, f16), against the
+* the tensor-core family (`jaxsparse.tc_conv`, ``--tensor_cores``) on every layer at the
+  modes that allow tensor cores (TF32 for float32, bf16, f16), against the
   same dense time, with its own break-even sparsity (``break_even_tc``, ``breakeven_tc.csv``);
 * every chain time checked (`B.chain_time_us`, also against twice the measured matmul peak)
   and the check kept per row (``dense_check``, ``sparse_check``, ``bcsr_check``, ``tc_check``, details in
@@ -261,7 +261,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
                 bar.set_postfix_str(f"{layer.name} b{batch} tensor cores {dtn} {s:g}")
                 filt, _, mfilt = get_filter(layer, s)
                 f, mf = filt.astype(dt), None if mfilt is None else mfilt.astype(dt)
-                tc[(dtn, s)] = measure(layer, L.tensor_core_op(f, mf), x32.astype(dt), f, mf, cfg, kernel,
+                tc[(dtn, s)] = measure(layer, L.tensor_core_op(layer, f, mf), x32.astype(dt), f, mf, cfg, kernel,
                                        step_flops(layer, batch, filt, mfilt), dtype_peak(peaks, dtn))
                 bar.update(1)
         if use_bcsr and layer.is_1x1:
@@ -358,8 +358,8 @@ columns: per = what one time covers: op (the layer chained on itself), pair (the
   dense matmul peak at that mode; BCSR = jax.experimental.sparse (cuSPARSE SpMM on the GPU) on
   channel-major activations, float32, its chain time and its kernel time (BCSR kern µs, the
   cuSPARSE and transpose kernels of one call) from the same run; TC = the tensor-core family
-  (tc_conv1x1: TF32 for float32, bf16/f16 products), timed the same way on the stride-1 1x1
-  layers at the modes allowing tensor cores, TC speedup = dense / TC; ~ = rests on a fallback time (a chain time that failed its checks
+  (tc_conv: TF32 for float32, bf16/f16 products), timed the same way on every layer at the
+  modes allowing tensor cores, TC speedup = dense / TC; ~ = rests on a fallback time (a chain time that failed its checks
   on every attempt: T(k_large)/k_large, an upper bound), left out of break-even, gains, geomean."""
 
 

@@ -1,30 +1,26 @@
 """Tensor-core sparse convolution over a `TensorCorePlan` (issue 14; experimental).
 
-`tc_conv` takes any kernel size, strides, padding and dilation: a 1x1 stride-1 unpadded
-convolution runs `tc_conv1x1` directly; any other runs it on the explicit im2col of the input
-(`im2col`, in the plan's column order), since the direct KxK kernel is not built yet.
-
-``tc_conv1x1(x, filter)`` computes the same 1x1, stride-1, unpadded convolution as
-`jaxsparse.sparse_conv`, on the GPU with tensor cores: the filter's output channels in
-groups of 16 (the plan's clustering), each group's union of nonzero input channels
-gathered from shared memory, ``mma.sync`` with float32 accumulation (two CUDA kernel
-designs, `DESIGNS`: 'chunked', the default, and 'slab'). float32 inputs use
-TF32 products, so ``precision=HIGHEST`` (exact float32) is refused; bfloat16/float16
-products are exact at every precision. `sparse_conv` never chooses it; a
-`jaxsparse.nn.SparseConv` layer holding a plan (`SparseConv.plan_tensor_cores`,
-or `sparsify(policy='auto')` where it times fastest) runs it for the calls
-`tensor_core_ineligible` allows. Differentiable: the derivative is computed by
-XLA from the plan's dense kernel (a custom JVP; the kernel itself has no
-derivative). On other platforms it computes the plan's dense kernel with XLA
-(the same result up to rounding).
-The union semantics differ from ``sparse_conv`` for non-finite inputs: see
-`jaxsparse.tc_plan`.
+``tc_conv(x, filter)`` computes `jaxsparse.sparse_conv`'s convolution (any kernel size,
+strides, padding, dilation; NHWC / NWC) on the GPU with tensor cores: the filter's output
+channels in groups of 16 (the plan's clustering), each group's union of nonzero columns
+(tap, input channel) gathered from shared memory, ``mma.sync`` with float32 accumulation.
+The default CUDA design ('chunked', `DESIGNS`) is direct: it streams each filter tap's
+input pixels through shared memory, with no im2col; the first design ('slab') takes 1x1
+stride-1 unpadded convolutions only. ``tc_conv1x1(x, filter)`` is the 1x1 case for any
+``(..., Cin)`` input. float32 inputs use TF32 products, so ``precision=HIGHEST`` (exact
+float32) is refused; bfloat16/float16 products are exact at every precision. `sparse_conv`
+never chooses it; a `jaxsparse.nn.SparseConv` layer holding a plan
+(`SparseConv.plan_tensor_cores`, or `sparsify(policy='auto')` where it times fastest) runs
+it for the calls `tensor_core_ineligible` allows. Differentiable: the derivative is
+computed by XLA from the plan's dense kernel (a custom JVP; the kernel itself has no
+derivative). On other platforms it computes the plan's dense kernel with XLA (the same
+result up to rounding). The union semantics differ from ``sparse_conv`` for non-finite
+inputs: see `jaxsparse.tc_plan`.
 """
 
 from __future__ import annotations
 
 import collections
-import itertools
 import math
 
 import numpy as np
@@ -35,17 +31,18 @@ from jax import lax
 
 from jaxsparse import geometry, options
 from jaxsparse.format import SparseFilter
+from jaxsparse.lowering import conv_attributes
 from jaxsparse.ops import _check_kernel_fits, _relu_flag
 from jaxsparse.reference import dense_conv_nhwc
-from jaxsparse.tc_plan import (TensorCorePlan, TensorCorePlanError, _filter_fingerprint, flat_filter,
-                               tensor_core_plan)
+from jaxsparse.tc_plan import TensorCorePlan, TensorCorePlanError, _filter_fingerprint, tensor_core_plan
 
 TARGET = "jaxsparse_tc_spmm"
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 # The CUDA kernel designs (cuda/gpu/sparse_conv_tensorcore.h, TensorCoreDesign):
-# 'slab' stages all Cin channels of a pixel tile (the first design); 'chunked' streams Cin
-# in chunks, a group of 16 channels per warp, 128 output channels per block.
+# 'slab' stages all Cin channels of a pixel tile (the first design; 1x1 stride 1 only);
+# 'chunked' streams the (tap, Cin) columns in chunks, a group of 16 channels per warp, 128
+# output channels per block.
 DESIGNS = {"slab": 1, "chunked": 2}
 DEFAULT_DESIGN = "chunked"
 # Output channels of a chunked block: a plan clustered within windows of this many channels
@@ -102,16 +99,9 @@ def tf32_forbidden(dtype, precision) -> bool:
     return jnp.dtype(dtype) == jnp.float32 and options.canonical_precision(precision) == lax.Precision.HIGHEST
 
 
-def tensor_core_ineligible(kernel_size, strides, padding, dtype, precision) -> str | None:
-    """Why a convolution cannot run on `tc_conv1x1` (None: it can): it must be 1x1, stride 1,
-    unpadded (any padding string pads a 1x1 stride-1 convolution by zero), float32, bfloat16
-    or float16, and for float32 at a precision that allows TF32 (not ``HIGHEST``)."""
-    if any(int(k) != 1 for k in kernel_size):
-        return f"kernel_size {tuple(kernel_size)} is not 1x1"
-    if any(int(s) != 1 for s in strides):
-        return f"strides {tuple(strides)} are not 1"
-    if not isinstance(padding, str) and any(int(v) != 0 for pair in padding for v in pair):
-        return f"padding {padding} is not zero"
+def tensor_core_ineligible(dtype, precision) -> str | None:
+    """Why a convolution cannot run on `tc_conv` (None: it can): float32, bfloat16 or float16,
+    and for float32 at a precision that allows TF32 (not ``HIGHEST``). Any geometry."""
     dt = jnp.dtype(dtype)
     if dt not in map(jnp.dtype, _DTYPES):
         return f"dtype {dt} is not float32, bfloat16 or float16"
@@ -120,11 +110,13 @@ def tensor_core_ineligible(kernel_size, strides, padding, dtype, precision) -> s
     return None
 
 
-def _check(x, filt: SparseFilter, plan: TensorCorePlan, bias, precision):
-    if not isinstance(filt, SparseFilter):
-        raise TypeError(f"filter must be a SparseFilter, got {type(filt).__name__}")
-    if tuple(filt.kernel_size) not in ((1, 1), (1,)):
-        raise ValueError(f"tc_conv1x1 takes 1x1 filters, got kernel_size {filt.kernel_size}")
+def _check(x, filt: SparseFilter, plan: TensorCorePlan, bias, precision, design, tile_pixels):
+    if design not in DESIGNS:
+        raise ValueError(f"design must be one of {sorted(DESIGNS)}, got {design!r}")
+    if tile_pixels not in (None, 16, 32, 64):
+        raise ValueError(f"tile_pixels must be None, 16, 32 or 64, got {tile_pixels!r}")
+    if tile_pixels is not None and design != "chunked":
+        raise ValueError(f"tile_pixels applies to design='chunked', not {design!r}")
     dt = jnp.dtype(x.dtype)
     if dt not in map(jnp.dtype, _DTYPES):
         raise TypeError(f"x must be float32, bfloat16 or float16, got {dt}")
@@ -138,51 +130,39 @@ def _check(x, filt: SparseFilter, plan: TensorCorePlan, bias, precision):
     if bias is not None and (jnp.shape(bias) != (filt.out_channels,) or jnp.dtype(bias.dtype) != dt):
         raise ValueError(f"bias must be ({filt.out_channels},) of dtype {dt}")
     if tf32_forbidden(dt, precision):
-        raise ValueError("tc_conv1x1 uses TF32 products for float32 inputs, which precision=HIGHEST "
-                         "forbids: use sparse_conv for exact float32, or precision=None/'default'")
+        raise ValueError("tensor-core convolutions use TF32 products for float32 inputs, which "
+                         "precision=HIGHEST forbids: use sparse_conv for exact float32, or precision=None/'default'")
     if plan.col_offsets[-1] > np.iinfo(np.int32).max // 16:
         raise ValueError("the plan is too large for 32-bit tile offsets")
 
 
-def tc_conv1x1(x, filt: SparseFilter, plan: TensorCorePlan | None = None, *, bias=None,
-               activation: str | None = None, precision=None, design: str = DEFAULT_DESIGN,
-               tile_pixels: int | None = None):
-    """1x1 sparse convolution of NHWC (or NWC, ...) ``x`` on tensor cores; see the module.
-    ``design``: the CUDA kernel, one of `DESIGNS` (any plan runs on either);
-    ``tile_pixels``: the chunked kernel's pixels per block (16, 32 or 64; None: its own
-    choice), a benchmarking knob."""
-    x = jnp.asarray(x)
-    if design not in DESIGNS:
-        raise ValueError(f"design must be one of {sorted(DESIGNS)}, got {design!r}")
-    if tile_pixels not in (None, 16, 32, 64):
-        raise ValueError(f"tile_pixels must be None, 16, 32 or 64, got {tile_pixels!r}")
-    if tile_pixels is not None and design != "chunked":
-        raise ValueError(f"tile_pixels applies to design='chunked', not {design!r}")
-    plan = _default_plan(filt, design) if plan is None else plan
-    _check(x, filt, plan, bias, precision)
-    relu = _relu_flag(activation)  # the activations sparse_conv takes
+def _tc_conv2d(x, filt: SparseFilter, plan: TensorCorePlan, *, strides, pads, dilation, bias, relu, design,
+               tile_pixels):
+    """The kernel call on NHWC ``x`` (2-D geometry, explicit padding pairs, checked operands):
+    the CUDA target on GPUs, elsewhere XLA's convolution with the plan's dense kernel; a custom
+    JVP differentiates it through that dense kernel."""
     packed, _ = plan.pack(filt)  # NaN-poisoned for a traced filter of another pattern
-    out_shape = x.shape[:-1] + (filt.out_channels,)
+    kernel_hw = (1,) * (2 - len(filt.kernel_size)) + tuple(filt.kernel_size)
+    out_shape = geometry.conv_output_shape(x.shape, kernel_hw, strides, pads, dilation, filt.out_channels)
     columns = jnp.asarray(plan.columns, jnp.int32)
     col_offsets = jnp.asarray(plan.col_offsets.astype(np.int32))
     channels = jnp.asarray(plan.channels.reshape(-1), jnp.int32)
     b = jnp.zeros((0,), x.dtype) if bias is None else bias
+    attrs = {k: np.asarray(v, np.int64) for k, v in conv_attributes(kernel_hw, strides, pads, dilation).items()}
 
     def on_cuda(x, packed, b):
         call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(out_shape, x.dtype))
-        return call(x, packed, columns, col_offsets, channels, b, relu=np.int64(relu),
+        return call(x, packed, columns, col_offsets, channels, b, **attrs, relu=np.int64(relu),
                     design=np.int64(DESIGNS[design]), window=np.int64(kernel_window(plan)),
                     tile_pixels=np.int64(tile_pixels or 0))
 
-    def elsewhere(x, packed, b, relu=relu):  # the plan's dense kernel, as one 1 x P image
-        kernel = plan.unpack(packed).reshape(1, 1, filt.in_channels, filt.out_channels)
-        y = dense_conv_nhwc(x.reshape(1, 1, math.prod(x.shape[:-1]), filt.in_channels), kernel, b, strides=(1, 1),
-                            padding=((0, 0), (0, 0)), dilation=(1, 1), relu=relu)
-        return y.reshape(out_shape)
+    def elsewhere(x, packed, b, relu=relu):  # the plan's dense kernel
+        kernel = plan.unpack(packed).reshape(kernel_hw + (filt.in_channels, filt.out_channels))
+        return dense_conv_nhwc(x, kernel, b, strides=strides, padding=pads, dilation=dilation, relu=relu)
 
     @jax.custom_jvp
     def apply(x, packed, b):
-        if x.size == 0 or filt.out_channels == 0:
+        if math.prod(out_shape) == 0 or x.size == 0:
             return elsewhere(x, packed, b)
         return lax.platform_dependent(x, packed, b, cuda=on_cuda, default=elsewhere)
 
@@ -198,22 +178,24 @@ def tc_conv1x1(x, filt: SparseFilter, plan: TensorCorePlan | None = None, *, bia
     return apply(x, packed, b)
 
 
-def im2col(x, kernel_size, strides, padding, dilation):
-    """``(N, *out_spatial, taps * Cin)``: the patches of an ``(N, *spatial, Cin)`` input, channel
-    ``tap * Cin + ci`` (taps row-major over the kernel) holding input channel ``ci`` at that
-    tap: the filter's column order, so a filter's 1x1 view (`flat_filter`) convolves them.
-    ``padding``: explicit (low, high) pairs. XLA fuses the pad, slices and concatenation."""
-    out_spatial = geometry.conv_output_shape(x.shape, kernel_size, strides, padding, dilation, 1)[1:-1]
-    if x.size == 0 or 0 in out_spatial:  # nothing to gather (an empty axis)
-        return jnp.zeros((x.shape[0],) + out_spatial + (math.prod(kernel_size) * x.shape[-1],), x.dtype)
-    xp = jnp.pad(x, ((0, 0),) + tuple(tuple(p) for p in padding) + ((0, 0),))
-    cols = []
-    for tap in itertools.product(*(range(k) for k in kernel_size)):
-        start = tuple(t * d for t, d in zip(tap, dilation))
-        limit = tuple(b + (o - 1) * st + 1 for b, o, st in zip(start, out_spatial, strides))
-        cols.append(lax.slice(xp, (0,) + start + (0,), (x.shape[0],) + limit + (x.shape[-1],),
-                              (1,) + tuple(strides) + (1,)))
-    return jnp.concatenate(cols, axis=-1)
+def tc_conv1x1(x, filt: SparseFilter, plan: TensorCorePlan | None = None, *, bias=None,
+               activation: str | None = None, precision=None, design: str = DEFAULT_DESIGN,
+               tile_pixels: int | None = None):
+    """1x1 sparse convolution of NHWC (or NWC, or any ``(..., Cin)``) ``x`` on tensor cores;
+    see the module. ``design``: the CUDA kernel, one of `DESIGNS` (any plan runs on either);
+    ``tile_pixels``: the chunked kernel's pixels per block (16, 32 or 64; None: its own
+    choice), a benchmarking knob."""
+    x = jnp.asarray(x)
+    if not isinstance(filt, SparseFilter):
+        raise TypeError(f"filter must be a SparseFilter, got {type(filt).__name__}")
+    if tuple(filt.kernel_size) not in ((1, 1), (1,)):
+        raise ValueError(f"tc_conv1x1 takes 1x1 filters, got kernel_size {filt.kernel_size}: use tc_conv")
+    plan = _default_plan(filt, design) if plan is None else plan
+    _check(x, filt, plan, bias, precision, design, tile_pixels)
+    pixels = math.prod(x.shape[:-1])
+    y = _tc_conv2d(x.reshape(1, 1, pixels, filt.in_channels), filt, plan, strides=(1, 1), pads=((0, 0), (0, 0)),
+                   dilation=(1, 1), bias=bias, relu=_relu_flag(activation), design=design, tile_pixels=tile_pixels)
+    return y.reshape(x.shape[:-1] + (filt.out_channels,))
 
 
 def tc_conv(x, filt: SparseFilter, plan: TensorCorePlan | None = None, *, strides=1, padding="SAME",
@@ -221,11 +203,9 @@ def tc_conv(x, filt: SparseFilter, plan: TensorCorePlan | None = None, *, stride
             design: str = DEFAULT_DESIGN, tile_pixels: int | None = None):
     """`jaxsparse.sparse_conv`'s convolution (same arguments and layouts: NHWC / NWC, padding
     'SAME', 'VALID' or pairs) on tensor cores, over ``plan`` (the filter's `plan_for` if None).
-
-    1x1, stride 1, unpadded: `tc_conv1x1`. Otherwise `tc_conv1x1` of the filter's 1x1 view on
-    the explicit `im2col` of ``x`` (taps x the input in memory, read once by the kernel): the
-    direct KxK kernel is not built yet. ``design`` and ``tile_pixels`` as for `tc_conv1x1`.
-    Non-finite inputs follow the union semantics of `jaxsparse.tc_plan`."""
+    The chunked design runs any geometry directly; the slab design 1x1, stride-1, unpadded
+    ones only. ``design`` and ``tile_pixels`` as for `tc_conv1x1`. Non-finite inputs follow
+    the union semantics of `jaxsparse.tc_plan`."""
     if not isinstance(filt, SparseFilter):
         raise TypeError(f"filter must be a SparseFilter, got {type(filt).__name__}")
     x = jnp.asarray(x)
@@ -233,17 +213,19 @@ def tc_conv(x, filt: SparseFilter, plan: TensorCorePlan | None = None, *, stride
     if x.ndim != ndim + 2:
         raise ValueError(f"x must have rank {ndim + 2} (batch, {ndim} spatial axes, channels) for a "
                          f"{ndim}-D filter, got shape {x.shape}")
-    if x.shape[-1] != filt.in_channels:
-        raise ValueError(f"x must end in Cin = {filt.in_channels} channels, got shape {x.shape}")
     strides = geometry.normalize_ints(strides, ndim, "strides")
     dilation = geometry.normalize_ints(rhs_dilation, ndim, "rhs_dilation")
     pads = geometry.normalize_padding(padding, x.shape[1:-1], filt.kernel_size, strides, dilation)
-    kw = dict(bias=bias, activation=activation, precision=precision, design=design, tile_pixels=tile_pixels)
-    if geometry.is_pointwise(filt.kernel_size, strides, pads):
-        return tc_conv1x1(x, filt, plan, **kw)
+    plan = _default_plan(filt, design) if plan is None else plan
+    _check(x, filt, plan, bias, precision, design, tile_pixels)
+    if design != "chunked" and not geometry.is_pointwise(filt.kernel_size, strides, pads):
+        raise ValueError(f"design {design!r} takes 1x1, stride-1, unpadded convolutions only: use 'chunked'")
     if x.size:
         _check_kernel_fits(x.shape[1:-1], filt.kernel_size, pads, dilation)
-    plan = _default_plan(filt, design) if plan is None else plan
-    plan.check(filt)
-    return tc_conv1x1(im2col(x, filt.kernel_size, strides, pads, dilation), flat_filter(filt), plan.flattened(),
-                      **kw)
+    if ndim == 1:  # as a 2-D convolution of images one pixel high
+        y = _tc_conv2d(x[:, None], filt, plan, strides=(1,) + strides, pads=((0, 0),) + tuple(pads),
+                       dilation=(1,) + dilation, bias=bias, relu=_relu_flag(activation), design=design,
+                       tile_pixels=tile_pixels)
+        return y[:, 0]
+    return _tc_conv2d(x, filt, plan, strides=strides, pads=tuple(pads), dilation=dilation, bias=bias,
+                      relu=_relu_flag(activation), design=design, tile_pixels=tile_pixels)

@@ -196,14 +196,6 @@ class TensorCorePlan:
     def packed_size(self) -> int:
         return int(self.tile_offsets[-1])
 
-    def flattened(self) -> "TensorCorePlan":
-        """This plan as the plan of the filter's 1x1 view (`flat_filter`): the same groups,
-        columns and packing, with ``taps`` input channels (an im2col input)."""
-        kernel_size = (1,) * len(self.kernel_size)
-        return dataclasses.replace(
-            self, kernel_size=kernel_size, in_channels=self.taps,
-            fingerprint=pattern_fingerprint(self.indices, self.indptr, kernel_size, self.taps, self.out_channels))
-
     @functools.cached_property
     def gather_index(self) -> np.ndarray:
         """(packed_size,) int32: the CSR nonzero each packed slot holds, ``nnz`` for a zero
@@ -308,14 +300,6 @@ class TensorCorePlan:
                           column * self.out_channels + channel, dump)
         dense = jnp.zeros(dump + 1, packed.dtype).at[target].add(packed)
         return dense[:dump].reshape(self.kernel_size + (self.in_channels, self.out_channels))
-
-
-def flat_filter(f: SparseFilter) -> SparseFilter:
-    """The filter as a 1x1 filter over ``taps`` input channels: the same CSR arrays (a column
-    ``c = tap * Cin + ci`` is channel ``c`` of an im2col input in that order); traceable."""
-    return SparseFilter(f.data, f.indices, f.indptr, kernel_size=(1,) * len(f.kernel_size),
-                        in_channels=f.taps, out_channels=f.out_channels, allow_nonfinite=f.allow_nonfinite,
-                        validate=False)
 
 
 def tensor_core_plan(f: SparseFilter, rows: int = 16, k_multiple: int = 16, window: int = 0) -> TensorCorePlan:

@@ -268,10 +268,18 @@ def test_budget_checkpoint_and_summary(tmp_path):
     sweep.write_outputs(result, cfg.out)
     assert not partial.exists() and (tmp_path / "s" / "sweep.json").is_file()
 
-    done = run("summarize", f"--sweep={tmp_path / 's' / 'sweep.json'}", f"--out={tmp_path}", cwd=tmp_path)
+    # tc_bench.py rows: the tensor-core table's geomean over layers, VGG-16 conv1_2 left out at batch
+    # 32 (not among issue 14's target layers there).
+    tc_rows = [dict(layer=name, sparsity=0.95, batch=32, dtype="bfloat16", design="chunked", window=128,
+                    tile_pixels=None, tc_us=2 * kern, tc_kernel_us=kern, dense_us=10.0)
+               for name, kern in [("vgg.conv2_2", 20.0), ("vgg.conv3_2", 5.0), ("vgg.conv1_2", 1.0)]]
+    (tmp_path / "tc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tc_rows))
+    done = run("summarize", f"--sweep={tmp_path / 's' / 'sweep.json'}", f"--tc={tmp_path / 'tc.jsonl'}",
+               f"--out={tmp_path}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     text = (tmp_path / "SUMMARY.md").read_text()
     assert "## Targets of the CUDA-kernel issue" in text and "## Break-even sparsity, batch 1" in text
+    assert "| tc.jsonl | chunked:128:auto | VGG-16 3x3 | bfloat16 | 32 | 0.95 | 2 | 1.00 | 0.50-2.00 | 0.50 |" in text
     # The geomean row comes from the JSON. On a busy CPU a tiny layer's chain slope can be lost
     # in noise (speedup None); the geomean skips it and the count still names both layers.
     speedups = [r["speedup"] for r in T.measured(result["rows"])

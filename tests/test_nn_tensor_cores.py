@@ -1,7 +1,7 @@
 """The tensor-core plan in the Flax layer (issue 14, items 1 and 3): attached to a `SparseConv`,
 used by the calls it fits, differentiable, saved and loaded with the model, and chosen by
 sparsify(policy='auto') where it times fastest. On the CPU the plan's calls run the XLA path
-of `tc_conv1x1`; `test_tc_conv.py` checks the CUDA kernel itself on the GPU."""
+of `tc_conv`; `test_tc_conv.py` checks the CUDA kernel itself on the GPU."""
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +14,7 @@ from flax import nnx  # noqa: E402
 
 import jaxsparse  # noqa: E402
 import jaxsparse.nn.layers as nn_layers  # noqa: E402
-from jaxsparse import TensorCorePlanError, sparse_conv, tc_conv1x1  # noqa: E402
+from jaxsparse import TensorCorePlanError, sparse_conv, tc_conv, tc_conv1x1  # noqa: E402
 from jaxsparse.nn import SparseConv, load, save, sparsify  # noqa: E402
 from jaxsparse.nn.checkpoint import PLAN_DIR  # noqa: E402
 from jaxsparse.tc_conv import plan_for, tensor_core_ineligible  # noqa: E402
@@ -23,13 +23,13 @@ from helpers import random_input  # noqa: E402
 
 @pytest.fixture
 def tc_calls(monkeypatch):
-    """Counts the layer's calls of tc_conv1x1 (traced calls included)."""
+    """Counts the layer's calls of tc_conv (traced calls included)."""
     calls = []
 
     def spy(*args, **kw):
         calls.append(args[0].dtype)
-        return tc_conv1x1(*args, **kw)
-    monkeypatch.setattr(nn_layers, "tc_conv1x1", spy)
+        return tc_conv(*args, **kw)
+    monkeypatch.setattr(nn_layers, "tc_conv", spy)
     return calls
 
 
@@ -62,7 +62,7 @@ def test_layer_with_a_plan_computes_the_same_on_tensor_cores(tc_calls, dtype, pr
     graph, state = nnx.split(layer)  # the plan is static: in the graph, not in the state
     assert all(not isinstance(v, np.ndarray) for v in jax.tree.leaves(state)) and len(jax.tree.leaves(state)) == 4
     after = jax.jit(lambda s, x: nnx.merge(graph, s)(x))(state, x)
-    assert tc_calls, "the layer with a plan must call tc_conv1x1"
+    assert tc_calls, "the layer with a plan must call tc_conv"
     tol = tolerance(dtype)
     np.testing.assert_allclose(as_f64(after), as_f64(before), rtol=tol, atol=tol * float(jnp.abs(before).max()))
 
@@ -80,10 +80,6 @@ def test_calls_the_plan_does_not_fit_run_sparse_conv(tc_calls):
 def test_plan_tensor_cores_refuses_layers_it_can_never_serve():
     with pytest.raises(ValueError, match="HIGHEST"):
         layer_1x1(jnp.float32, "highest").plan_tensor_cores()
-    with pytest.raises(ValueError, match="not 1x1"):
-        SparseConv(8, 8, (3, 3), rngs=nnx.Rngs(0)).plan_tensor_cores()
-    with pytest.raises(ValueError, match="strides"):
-        SparseConv(8, 8, (1, 1), strides=2, rngs=nnx.Rngs(0)).plan_tensor_cores()
     layer, other = layer_1x1(seed=0), layer_1x1(seed=1)
     with pytest.raises(TensorCorePlanError, match="pattern"):
         layer.plan_tensor_cores(plan_for(other.sparse_filter))
@@ -121,13 +117,27 @@ def test_gradients_through_the_plan_match_sparse_conv():
 
 
 def test_ineligible_names_the_reason():
-    assert tensor_core_ineligible((1, 1), (1, 1), "SAME", jnp.bfloat16, "highest") is None
-    assert tensor_core_ineligible((1,), (1,), ((0, 0),), jnp.float32, None) is None
-    assert "1x1" in tensor_core_ineligible((3, 3), (1, 1), "SAME", jnp.bfloat16, None)
-    assert "strides" in tensor_core_ineligible((1, 1), (2, 2), "SAME", jnp.bfloat16, None)
-    assert "padding" in tensor_core_ineligible((1, 1), (1, 1), ((1, 1), (0, 0)), jnp.bfloat16, None)
-    assert "HIGHEST" in tensor_core_ineligible((1, 1), (1, 1), "VALID", jnp.float32, lax.Precision.HIGHEST)
-    assert "dtype" in tensor_core_ineligible((1, 1), (1, 1), "VALID", jnp.float64, None)
+    assert tensor_core_ineligible(jnp.bfloat16, "highest") is None
+    assert tensor_core_ineligible(jnp.float32, None) is None
+    assert "HIGHEST" in tensor_core_ineligible(jnp.float32, lax.Precision.HIGHEST)
+    assert "dtype" in tensor_core_ineligible(jnp.float64, None)
+
+
+@pytest.mark.parametrize("kernel_size,strides,padding,dilation", [
+    ((3, 3), 1, "SAME", 1), ((3, 3), 2, "VALID", 1), ((1, 1), 2, "SAME", 1), ((5,), 1, "CAUSAL", 2),
+    ((3, 3), 1, "CIRCULAR", 1)])
+def test_any_geometry_runs_on_the_plan(tc_calls, kernel_size, strides, padding, dilation):
+    """Strided, padded, dilated, 1-D and circular layers run tc_conv with their plan and
+    compute what they computed without it."""
+    cin = 12
+    layer = SparseConv(cin, 20, kernel_size, strides=strides, padding=padding, kernel_dilation=dilation,
+                       param_dtype=jnp.bfloat16, sparsity=0.7, activation="relu", rngs=nnx.Rngs(3))
+    x = jnp.asarray(random_input(np.random.default_rng(5), (2,) + (9,) * len(kernel_size) + (cin,)), jnp.bfloat16)
+    before = layer(x)
+    layer.plan_tensor_cores()
+    after = layer(x)
+    assert tc_calls
+    np.testing.assert_allclose(as_f64(after), as_f64(before), rtol=1e-2, atol=1e-2 * float(jnp.abs(before).max()))
 
 
 class Net(nnx.Module):
@@ -177,14 +187,16 @@ def test_a_damaged_plan_in_a_checkpoint_is_refused(tmp_path):
 
 
 class ThreeWayTimer:
-    """Deterministic timings: the tensor-core kernel fastest on 1x1 layers."""
+    """Deterministic timings: the tensor-core kernel at ``tensor_core_us`` on layer b, slower
+    than the FFMA kernel on layer a."""
 
     def __init__(self, tensor_core_us=10.0):
         self.calls, self.tensor_core_us = [], tensor_core_us
 
     def __call__(self, spec, impl):
         self.calls.append((spec.path, impl))
-        return {"dense": 100.0, "sparse": 50.0, "tensorcore": self.tensor_core_us}[impl]
+        tc_us = self.tensor_core_us if spec.path == "b" else 70.0
+        return {"dense": 100.0, "sparse": 50.0, "tensorcore": tc_us}[impl]
 
 
 def test_sparsify_auto_takes_the_tensor_core_kernel_where_it_is_fastest():
@@ -200,7 +212,7 @@ def test_sparsify_auto_takes_the_tensor_core_kernel_where_it_is_fastest():
     timer = ThreeWayTimer()
     new, report = sparsify(Dense(), 0.9, policy="auto", sample_input=x, timer=timer, cache=False,
                            tensor_cores=True, progress=False)
-    assert ("a", "tensorcore") not in timer.calls and ("b", "tensorcore") in timer.calls
+    assert ("a", "tensorcore") in timer.calls and ("b", "tensorcore") in timer.calls  # any geometry
     assert report["b"].tensor_cores and report["b"].tensor_core_us == 10.0 and report["b"].speedup == 10.0
     assert new.b.tensor_core_plan is not None and new.a.tensor_core_plan is None
     assert not report["a"].tensor_cores and "on tensor cores (1): b" in report.summary()

@@ -1,4 +1,4 @@
-"""Tensor-core 1x1 convolution (issue 14): the XLA path on the CPU, the CUDA kernel on the GPU.
+"""Tensor-core convolution (issue 14): the XLA path on the CPU, the CUDA kernels on the GPU.
 
 Accuracy bounds (issue 14, item 4): bf16/f16 within 2e-2 of the float64 reference relative to
 sum |w| |x| (float32 accumulation); TF32 no worse than 2x XLA's own TF32 convolution error on
@@ -216,7 +216,7 @@ def test_chunked_kernel_every_tile(dtype, tile_pixels, window):
     assert (np.abs(out - ref) / np.maximum(scale, 1e-30)).max() <= bound
 
 
-# ---- any geometry: tc_conv (the 1x1 kernel on the im2col of the input) -------------------
+# ---- any geometry: tc_conv (the chunked design's direct KxK kernel) -----------------------
 
 @st.composite
 def conv_cases(draw):
@@ -248,8 +248,8 @@ def run_conv(x, f, geo, variant=("chunked", 128), **kw):
 @settings(deadline=None, max_examples=40)
 @given(conv_cases())
 def test_any_geometry_matches_the_float64_reference(case):
-    """On the CPU (XLA path): im2col in the plan's column order, the 1x1 view of the filter and
-    of its plan, strides, padding, dilation, 1-D and 2-D, empty rows and 0 / 100 % sparsity."""
+    """On the CPU (XLA path, the plan's dense kernel): strides, padding, dilation, 1-D and 2-D,
+    empty rows and 0 / 100 % sparsity."""
     geo, cin, cout, sparsity, batch, seed = case
     rng = np.random.default_rng(seed)
     f = jaxsparse.random_filter(seed % 1000, geo["kernel_size"], cin, cout, sparsity)
@@ -275,32 +275,68 @@ def test_tc_conv_errors_and_plans():
         tc_conv(x, f, plan_for(jaxsparse.random_filter(1, (3, 3), 4, 8, 0.5)))
     with pytest.raises(TypeError, match="SparseFilter"):
         tc_conv(x, np.ones((3, 3, 4, 8)))
+    with pytest.raises(ValueError, match="'slab' takes 1x1"):
+        tc_conv(x, f, plan_for(f, window=0), design="slab")
     assert tc_conv(jnp.ones((0, 6, 6, 4)), f).shape == (0, 6, 6, 8)
-    # the flattened plan is the plan of the filter's 1x1 view
-    flat = plan_for(f).flattened()
-    assert flat.in_channels == 36 and flat.kernel_size == (1, 1)
-    flat.check(jaxsparse.tc_plan.flat_filter(f))
+
+
+GEOMETRY_SHAPES = [
+    # batch, spatial, cin, cout, kernel, strides, padding, dilation, sparsity
+    (2, (14, 14), 64, 64, (3, 3), 1, "SAME", 1, 0.9),          # Cout <= 64: half the warps idle
+    (1, (15, 13), 37, 130, (3, 3), 2, "SAME", 1, 0.95),        # Cin not a multiple of 8: scalar fill
+    (2, (11, 12), 24, 40, (3, 3), 1, ((2, 1), (0, 3)), 2, 0.8),
+    (4, (56,), 50, 100, (5,), 1, "VALID", 1, 0.9),             # the sentence CNN's form
+    (2, (9, 9), 200, 72, (3, 3), 1, "SAME", 1, 0.9),           # several chunks a tap, a partial last one
+    (3, (10, 10), 96, 136, (1, 1), 2, "VALID", 1, 0.8),        # ResNet's stride-2 projection
+    (1, (12, 12), 3, 64, (3, 3), 1, "SAME", 1, 0.5),           # VGG conv1_1: 3 channels
+    (2, (7, 7), 16, 24, (3, 3), 3, ((4, 4), (4, 4)), 3, 0.7),  # padding larger than the input's border
+]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", [("slab", 0), ("chunked", 0), ("chunked", 128)])
+@pytest.mark.parametrize("window", [0, 128])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-@pytest.mark.parametrize("shape", [
-    # batch, spatial, cin, cout, kernel, strides, padding, dilation, sparsity
-    (2, (14, 14), 64, 64, (3, 3), 1, "SAME", 1, 0.9),
-    (1, (15, 13), 37, 130, (3, 3), 2, "SAME", 1, 0.95),
-    (2, (11, 12), 24, 40, (3, 3), 1, ((2, 1), (0, 3)), 2, 0.8),
-    (4, (56,), 50, 100, (5,), 1, "VALID", 1, 0.9),  # the sentence CNN's form
-])
-def test_kernel_any_geometry(variant, dtype, shape):
+@pytest.mark.parametrize("shape", GEOMETRY_SHAPES)
+def test_kernel_any_geometry(window, dtype, shape):
     batch, spatial, cin, cout, kernel, strides, padding, dilation, sparsity = shape
     rng = np.random.default_rng(cin * cout)
     dt = jnp.dtype(dtype)
     f = filter_with_empty_rows(rng, kernel, cin, cout, sparsity, dt, empty_rows=[0])
     x = gpu(jnp.asarray(random_input(rng, (batch,) + spatial + (cin,)), dt))
+    bias = gpu(jnp.asarray(rng.standard_normal(cout), dt))
     geo = dict(strides=strides, padding=padding, dilation=dilation)
-    out = run_conv(x, f, geo, variant)
-    ref, scale = tc_reference(x, f, geo)
+    ref, scale = tc_reference(x, f, geo, bias, relu=True)
+    poison(ref.shape, dt)
+    out = run_conv(x, f, geo, ("chunked", window), bias=bias, activation="relu")
     assert np.all(np.isfinite(out)) and out.shape == ref.shape
     bound = 2e-2 if dtype == "bfloat16" else 2.0 ** -9  # TF32 products for float32
     assert (np.abs(out - ref) / np.maximum(scale, 1e-30)).max() <= bound
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile_pixels", [16, 32, 64])
+def test_kernel_any_geometry_every_tile(tile_pixels):
+    """Each pixel tile with taps whose source pixels wrap across image rows and images."""
+    rng = np.random.default_rng(tile_pixels)
+    f = filter_with_empty_rows(rng, (3, 3), 130, 150, 0.9, jnp.bfloat16, empty_rows=[3])
+    x = gpu(jnp.asarray(random_input(rng, (3, 11, 9, 130)), jnp.bfloat16))
+    geo = dict(strides=1, padding="SAME", dilation=1)
+    out = run_conv(x, f, geo, tile_pixels=tile_pixels)
+    ref, scale = tc_reference(x, f, geo)
+    assert np.all(np.isfinite(out)) and (np.abs(out - ref) / np.maximum(scale, 1e-30)).max() <= 2e-2
+
+
+@pytest.mark.gpu
+@settings(deadline=None, max_examples=30)
+@given(conv_cases(), st.sampled_from(["bfloat16", "float16", "float32"]))
+def test_kernel_any_geometry_hypothesis(case, dtype):
+    geo, cin, cout, sparsity, batch, seed = case
+    rng = np.random.default_rng(seed)
+    dt = jnp.dtype(dtype)
+    f = jaxsparse.random_filter(seed % 1000, geo["kernel_size"], cin, cout, sparsity, dtype=dt)
+    x = gpu(jnp.asarray(random_input(rng, (batch,) + geo["spatial"] + (cin,)), dt))
+    out = run_conv(x, f, geo)
+    ref, scale = tc_reference(x, f, geo)
+    assert out.shape == ref.shape and np.all(np.isfinite(out))
+    bound = 2e-2 if dtype != "float32" else 2.0 ** -9
+    assert np.all(np.abs(out - ref) <= bound * scale + 1e-6)

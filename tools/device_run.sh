@@ -15,6 +15,7 @@
 #   NCU_LAYER, NCU_FAMILIES, NCU_DTYPE, NCU_B1_ONLY, NCU_B32_FAMILIES (profiled one launch each),
 #   NCU_SOURCE (a family: its per-instruction SASS counts; summarise with tools/ncu_hot_loops.py)
 #   NCU_TC, NCU_TC_LAYERS, NCU_TC_ONLY (tensor-core designs, e.g. tc-slab,tc-chunked, on DLMC layers, batch 32, 0.95)
+#   WM_MODELS, WM_MODES, WM_SPARSITY, WM_AUTO (whole_model_b*: models, modes, sparsities; WM_AUTO=1 adds policy='auto')
 #   TC_VARIANTS, TC_VGG (tools/tc_bench.py --variants, --vgg), TC_SANITIZE_CASES (tools/sanitize_layers.py TC_CASES of the TensorCore sanitizer pass)
 #   PYTEST_ARGS   extra pytest arguments for the GPU tests (e.g. "-k vgg")
 #   BENCH_ARGS    arguments for experiments/layer_benchmark.py
@@ -76,7 +77,7 @@ if has sanitize; then
   DEFAULT_CASES="direct3x3_f32 direct3x3_bf16 direct_s2_f16 kim_w5_f32 spmm1x1_f32 spmm1x1_bf16 proj1x1_s2_f32 naive3x3_f32 staged3x3_f32 staged_s2_bf16 staged1x1_f32 staged1x1_f16 staged_kim_w3_f32 cluster3x3_f32 cluster_s2_bf16 cluster_odd_f16 cluster1x1_f32 cluster1x1_bf16 cluster_kim_w5_f32 halfwin3x3_bf16 halfwin_odd_f16 halfwin1x1_bf16 halfwin_kim_w5_f16 malformed"
   PASSES=${SANITIZE_PASSES:-"SparseConv RowBucket TensorCore"}
   for pass in "SparseConv:$DEFAULT_CASES" "RowBucket:rowbucket3x3_f32 rowbucket3x5_bf16 malformed" \
-              "TensorCore:${TC_SANITIZE_CASES:-tc_bf16 tc_f16_odd tc_tf32 tc_empty_rows tc_staged_bf16 tcc_bf16_np64 tcc_tf32_np32 tcc_f32_scatter_odd tcc_f16_odd tcc_empty_rows}"; do
+              "TensorCore:${TC_SANITIZE_CASES:-tc_bf16 tc_f16_odd tc_tf32 tc_empty_rows tc_staged_bf16 tcc_bf16_np64 tcc_tf32_np32 tcc_f32_scatter_odd tcc_f16_odd tcc_empty_rows tcd3x3_bf16_c64 tcd3x3_tf32_s2 tcd_kim_f16_odd tcd1x1_s2_bf16}"; do
     [[ " $PASSES " == *" ${pass%%:*} "* ]] || continue
     kernels=${pass%%:*}; cases=${pass#*:}
     for tool in memcheck racecheck; do
@@ -177,8 +178,9 @@ for b in 1 32; do
 done
 for b in 1 32; do  # ImageNet sizes; one process (and JSON) per batch so a budget cut keeps both models at batch 1
   has whole_model_b$b && run_step whole_model_b$b ${WM_TIMEOUT:-110} python3 experiments/whole_model_benchmark.py \
-    --width=1 --resolution=224 --model=${WM_MODELS:-vgg16,resnet50} --modes=${WM_MODES:-float32_highest,float32,bfloat16} --batch=$b --sparsity=0.8,0.9,0.95 \
-    --repeats=10 --budget_s=${WM_BUDGET:-70} --out=$OUT/whole_model/whole_model_h200_b$b.json
+    --width=1 --resolution=224 --model=${WM_MODELS:-vgg16,resnet50} --modes=${WM_MODES:-float32_highest,float32,bfloat16} --batch=$b \
+    --sparsity=${WM_SPARSITY:-0.8,0.9,0.95} ${WM_AUTO:+--auto} --repeats=10 --budget_s=${WM_BUDGET:-70} \
+    --out=$OUT/whole_model/whole_model_h200_b$b${WM_AUTO:+_auto}.json
 done
 # Issue 13's peer comparison: the eight DLMC ResNet-50 1x1 matrices, jaxsparse per family,
 # XLA HIGHEST dense and cuSPARSE (BCSR) kernel time in one run.

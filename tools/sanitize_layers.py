@@ -15,6 +15,7 @@ import numpy as np
 
 import jaxsparse
 from jaxsparse import sparse_conv
+from jaxsparse.tc_conv import plan_for
 
 CASES = {  # name: family, batch, h, w, cin, cout, kernel, stride, padding, dtype
     "direct3x3_f32": ("direct", 1, 14, 14, 64, 64, (3, 3), 1, "SAME", np.float32),
@@ -46,7 +47,7 @@ CASES = {  # name: family, batch, h, w, cin, cout, kernel, stride, padding, dtyp
     "halfwin_kim_w5_f16": ("halfwin", 2, 1, 56, 300, 100, (1, 5), 1, "VALID", np.float16),
 }
 MALFORMED_FAMILIES = ("direct", "naive", "rowbucket", "staged", "cluster", "halfwin")
-TC_CASES = {  # tc_conv1x1: batch, h, w, cin, cout, sparsity, dtype, kernel design, plan window
+TC_CASES = {  # tc_conv: batch, h, w, cin, cout, sparsity, dtype, kernel design, plan window[, kernel, stride, padding]
     "tc_bf16": (2, 7, 9, 64, 40, 0.9, jnp.bfloat16, "slab", 0),  # partial last group, pixel tail
     "tc_f16_odd": (1, 5, 5, 37, 21, 0.7, np.float16, "slab", 0),  # Cin not a vector multiple: scalar staging
     "tc_tf32": (2, 7, 7, 256, 64, 0.9, np.float32, "slab", 0),
@@ -59,6 +60,12 @@ TC_CASES = {  # tc_conv1x1: batch, h, w, cin, cout, sparsity, dtype, kernel desi
     "tcc_f32_scatter_odd": (2, 12, 12, 130, 300, 0.9, np.float32, "chunked", 0),
     "tcc_f16_odd": (1, 5, 5, 37, 21, 0.7, np.float16, "chunked", 128),
     "tcc_empty_rows": (1, 4, 4, 16, 16, 1.0, jnp.bfloat16, "chunked", 128),
+    # The chunked design's direct KxK path: padding with idle warps (Cout <= 64), several chunks a
+    # tap with strides, the scalar fill over 1-D taps, a strided 1x1 projection.
+    "tcd3x3_bf16_c64": (2, 14, 14, 64, 64, 0.9, jnp.bfloat16, "chunked", 128, (3, 3), 1, "SAME"),
+    "tcd3x3_tf32_s2": (1, 15, 13, 130, 150, 0.9, np.float32, "chunked", 0, (3, 3), 2, "SAME"),
+    "tcd_kim_f16_odd": (2, 1, 30, 37, 100, 0.8, np.float16, "chunked", 128, (1, 5), 1, "VALID"),
+    "tcd1x1_s2_bf16": (2, 9, 9, 96, 136, 0.9, jnp.bfloat16, "chunked", 128, (1, 1), 2, "VALID"),
 }
 
 
@@ -73,12 +80,13 @@ def run_case(name):
 
 
 def run_tc_case(name):
-    n, h, w, cin, cout, sp, dt, design, window = TC_CASES[name]
-    f = jaxsparse.random_filter(3, (1, 1), cin, cout, sp, dtype=dt)
-    plan = jaxsparse.tc_conv.plan_for(f, window=window)
+    n, h, w, cin, cout, sp, dt, design, window, *geometry = TC_CASES[name]
+    kernel, stride, padding = geometry or ((1, 1), 1, "VALID")
+    f = jaxsparse.random_filter(3, kernel, cin, cout, sp, dtype=dt)
+    plan = plan_for(f, window=window)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((n, h, w, cin)), np.float32).astype(dt)
-    conv = jax.jit(lambda x, f: jaxsparse.tc_conv1x1(x, f, plan, bias=jnp.ones(cout, dt), activation="relu",
-                                                     design=design))
+    conv = jax.jit(lambda x, f: jaxsparse.tc_conv(x, f, plan, strides=stride, padding=padding, bias=jnp.ones(cout, dt),
+                                                  activation="relu", design=design))
     out = conv(x, f)
     print(name, out.shape, float(jnp.abs(out.astype(jnp.float32)).mean()), flush=True)
 

@@ -1,11 +1,11 @@
-"""Kernel time of the tensor-core 1x1 kernel (issue 14) against XLA dense at the same dtype.
+"""Kernel time of the tensor-core kernels (issue 14) against XLA dense at the same dtype.
 
     python3 tools/tc_bench.py --sparsity=0.9,0.95 --batches=1,32 --out=$OUT/tc.jsonl
 
-The eight DLMC ResNet-50 1x1 layers (and with --vgg VGG-16 3x3 layers, which run the 1x1
-kernel on the im2col of the input: the im2col kernels are in the total); per layer, batch, sparsity, dtype (bfloat16, and
-float32 at default precision = TF32 on both sides) and kernel variant (design, plan
-window): GPU kernel time of one jitted call (profiler trace) of `tc_conv1x1` (in all, with
+The eight DLMC ResNet-50 1x1 layers (and with --vgg VGG-16 3x3 layers, on the chunked
+design's direct KxK kernel); per layer, batch, sparsity, dtype (bfloat16, and float32 at
+default precision = TF32 on both sides) and kernel variant (design, plan window, tile):
+GPU kernel time of one jitted call (profiler trace) of `tc_conv` (in all, with
 the packing of the weights, and of the tensor-core kernel alone), of XLA's dense
 convolution, optionally of the FFMA `sparse_conv` (exact), and the plan's union fraction u.
 """
@@ -35,7 +35,7 @@ parser.add_argument("--variants", default="slab:0,chunked:0,chunked:128",
 parser.add_argument("--ffma", action="store_true", help="also time the exact FFMA sparse_conv")
 parser.add_argument("--layers", default=",".join(LAYERS), help="DLMC layers; empty for none")
 parser.add_argument("--vgg", default="", help="VGG-16 3x3 layers (conv1_2,conv2_2,conv3_2,conv4_2,conv5_1), "
-                    "magnitude-pruned random weights, through tc_conv (the 1x1 kernel on the im2col of the input)")
+                    "magnitude-pruned random weights (the chunked design only: slab variants are skipped)")
 parser.add_argument("--out", default="")
 args = parser.parse_args()
 variants = [(v.split(":") + ["0", "0"])[:3] for v in args.variants.split(",")]
@@ -83,6 +83,8 @@ for name, hw, make in cases():
                 ff = (kernel_time_us(jax.jit(lambda x, f: jaxsparse.sparse_conv(x, f, padding="SAME")), x, f)
                       ["total_us"] if args.ffma else None)
                 for design, window, tile in variants:
+                    if design != "chunked" and f.kernel_size != (1, 1):
+                        continue  # the slab design is 1x1 only
                     plan = plan_for(f, window=window)
                     u = plan.stats()["u_padded"]
                     tc, kern = tc_time(lambda x, f: tc_conv(x, f, plan, padding="SAME", design=design,
@@ -94,5 +96,5 @@ for name, hw, make in cases():
                     if out:
                         out.write(json.dumps(row) + "\n")
                         out.flush()
-                    print(f"{name[11:]:30s} {sp:5.2f} {batch:3d} {dt.name:8s} {design + ':' + str(window) + ':' + str(tile or 'auto'):15s} "
+                    print(f"{name.removeprefix('bottleneck_'):30s} {sp:5.2f} {batch:3d} {dt.name:8s} {design + ':' + str(window) + ':' + str(tile or 'auto'):15s} "
                           f"{u:5.2f} {tc:7.1f} {kern:7.1f} {dn:8.1f} {dn / kern:10.2f}", flush=True)

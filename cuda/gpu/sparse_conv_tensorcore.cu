@@ -252,7 +252,7 @@ cudaError_t LaunchTyped(cudaStream_t stream, const TensorCoreShape& s, ElementTy
 }  // namespace tensorcore
 
 bool SlabTensorCoreFits(const TensorCoreShape& s, ElementType type) {
-  return s.pixels > 0 && s.in_c > 0 && s.out_c > 0 && s.groups > 0 &&
+  return s.conv.pointwise() && s.pixels > 0 && s.in_c > 0 && s.out_c > 0 && s.groups > 0 &&
          s.pixels <= INT32_MAX && s.pixels * s.out_c <= (int64_t{1} << 40) &&
          (s.groups + 1) * 16 <= INT32_MAX && [&] {
            bool stage_out = false;

@@ -1,11 +1,15 @@
-// Tensor-core 1x1 sparse convolution, design kChunked (issue 14, second design; see the header).
+// Tensor-core sparse convolution, design kChunked (issue 14, second design; see the header).
 //
 // Why a second design: kSlab staged all Cin channels of a pixel tile, so Cin = 1024/2048 left
 // 16 pixels per block and every A fragment (4 global loads a lane) fed 2 mma; its warps
 // walked the groups one after another behind dependent loads. Here:
 //  - a block is NP pixels x 8 groups (128 output channels), one group per warp, whose
-//    accumulators stay in registers while Cin streams through shared memory in chunks of
-//    4096 / NP channels (every chunk 4096 elements);
+//    accumulators stay in registers while the columns stream through shared memory in chunks of up to 4096 / NP
+//    channels of one filter tap (every chunk 4096 elements);
+//  - direct KxK: a chunk of tap (kh, kw) holds, for each of the block's output pixels, the
+//    input pixel that tap reads (a per-pixel source address from a small table, zeros in the
+//    padding), so columns c = (kh * KW + kw) * Cin + ci are chunked like the channels of a
+//    1x1 layer and no im2col is written; a pixel's tap rows are re-read from L2, not HBM;
 //  - the chunks arrive through a ring of cp.async stages (4 for 16-bit types, 3 for float32),
 //    pixel-major as NHWC has them, so several chunks are in flight while the warps compute:
 //    the first version of this design loaded one chunk ahead through registers, and its
@@ -46,6 +50,10 @@ struct ChunkedArgs {
   int vec_in;   // Cin % (16 / sizeof T) == 0 and x 16-byte aligned: 16-byte input loads
   int window;   // 1: block b's channels are [128 b, 128 b + 128) (a windowed plan)
   int vec_out;  // window and Cout % (16 / sizeof T) == 0 and out aligned: 16-byte stores
+  // The convolution: output pixel (n, oh, ow) reads input pixel (n, oh * stride_h - pad_h +
+  // kh * dil_h, ow * stride_w - pad_w + kw * dil_w) at tap (kh, kw).
+  int in_h, in_w, out_hw, out_w, kernel_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  int chunks;  // taps x ceil(Cin / kChunk)
 };
 
 // Compile-time configuration (Sputnik style).
@@ -57,6 +65,9 @@ struct ChunkedConfig {
   static constexpr int kK = kTf32 ? 8 : 16;          // mma k, the plan's k multiple
   static constexpr int kWarps = 8;                   // one group each
   static constexpr int kThreads = kWarps * 32;
+  // Blocks per SM the register budget must allow: 16-bit types at most 80 registers a thread
+  // (3 blocks; left free, the direct kernel took 91 and 2 blocks, 10-50 % slower), float32 128.
+  static constexpr int kMinBlocks = kTf32 ? 2 : 3;
   static constexpr int kChannels = kWarps * kGroupRows;  // output channels of a block: 128
   static constexpr int kNP = kPixels;                // pixels of a block
   static constexpr int kNT = kNP / 8;                // n-tiles of 8 pixels per warp
@@ -69,50 +80,104 @@ struct ChunkedConfig {
   static constexpr int kCopies = kNP * kChunk / kVec / kThreads;  // 16-byte copies per thread and chunk
   static constexpr int kStagePitch = kChannels + 8;  // output stage row pitch, elements
   static constexpr int kSlabElems = kStages * kRawElems + (kChunk + 1) * kPitch;  // ring, chunk, zero row
-  static constexpr int kStageElems = kNP * kStagePitch;
-  static constexpr int kSmemBytes = (kSlabElems > kStageElems ? kSlabElems : kStageElems) * sizeof(T);
+  static constexpr int kTableBytes = 3 * kNP * sizeof(int);  // per pixel: image base, top row, left column
+  static constexpr int kStageElems = kNP * kStagePitch;      // aliases the ring, chunk and table
+  static constexpr int kLoadBytes = kSlabElems * sizeof(T) + kTableBytes;
+  static constexpr int kSmemBytes = kLoadBytes > kStageElems * int{sizeof(T)} ? kLoadBytes : kStageElems * sizeof(T);
+  static constexpr int kTransposeTiles = kNP * kChunk / 256 / kWarps;  // 8x32 tiles per warp (16-bit types)
   static_assert(kNP == 16 || kNP == 32 || kNP == 64, "pixels per block: 16, 32 or 64");
   static_assert(kTf32 || kNT % 2 == 0, "ldmatrix.x4 covers two n-tiles");
   static_assert((kPitch * sizeof(T)) % 16 == 0, "ldmatrix rows and 16-byte fills need aligned rows");
   static_assert((kStagePitch * sizeof(T)) % 16 == 0, "16-byte copies out of the stage");
   static_assert(kChunk % 32 == 0 && kCopies >= 1 && kNP * kChunk % (kVec * kThreads) == 0,
                 "chunks of whole 8x32 transposition tiles and whole copies per thread");
-  static_assert(kNP * kChunk / 256 == 2 * kWarps, "two 8x32 transposition tiles per warp (16-bit types)");
+  static_assert(kTransposeTiles * 256 * kWarps == kNP * kChunk, "whole 8x32 transposition tiles per warp (16-bit types)");
+  static_assert((kSlabElems * sizeof(T)) % 16 == 0, "the pixel table starts aligned");
   static_assert((kRawPitch * sizeof(T)) % 16 == 0 && ((kRawPitch * sizeof(T) / 4) % 32) == 4,
                 "landing rows 16-byte aligned, consecutive rows 4 banks apart");
   static_assert(kSmemBytes <= 100 * 1024, "at least two blocks per SM");
 };
 
-// Starts the copy of chunk `chunk` (NP pixels x kChunk channels, pixel-major) into a landing
-// stage: 16-byte cp.async where x allows (zeros past the last pixel or channel), else plain
-// element copies (Cin not a multiple of the vector, or x misaligned). Threads run over a
-// pixel's channels fastest: coalesced global reads.
+// A position in the column stream: channels [ch0, ch0 + width) of tap (kh, kw), i.e. the
+// columns [cs, cs + width), read at the input offset (dy, dx) from each pixel's top-left.
+// Stepped chunk by chunk (no divisions in the loop: they cost as much as a chunk's mma).
+struct ChunkPos {
+  int dy = 0, dx = 0, ch0 = 0, cs = 0, width = 0;
+  int kw = 0;  // the tap's column, for the step to the next tap
+
+  template <class C>
+  __device__ __forceinline__ void Start(const ChunkedArgs& a) { width = min(C::kChunk, a.in_c); }
+
+  template <class C>
+  __device__ __forceinline__ void Next(const ChunkedArgs& a) {
+    cs += width;
+    ch0 += C::kChunk;
+    if (ch0 >= a.in_c) {  // the next tap: its column stream starts right after this one's
+      ch0 = 0;
+      dx += a.dil_w;
+      if (++kw == a.kernel_w) {
+        kw = 0;
+        dx = 0;
+        dy += a.dil_h;
+      }
+    }
+    width = min(C::kChunk, a.in_c - ch0);
+  }
+};
+
+// The block's pixel table: per output pixel its image's first input pixel and the input row
+// and column of its top-left tap (a far negative row past the last pixel: never in bounds).
+template <class C>
+__device__ __forceinline__ void FillPixelTable(const ChunkedArgs& a, int p0, int* table) {
+  const int p = threadIdx.x;
+  if (p >= C::kNP) return;
+  const int gp = p0 + p;
+  int base = 0, top = -(1 << 30), left = 0;
+  if (gp < a.pixels) {
+    const int n = gp / a.out_hw, r = gp - n * a.out_hw, oh = r / a.out_w;
+    base = n * a.in_h * a.in_w;
+    top = oh * a.stride_h - a.pad_h;
+    left = (r - oh * a.out_w) * a.stride_w - a.pad_w;
+  }
+  table[p] = base;
+  table[C::kNP + p] = top;
+  table[2 * C::kNP + p] = left;
+}
+
+// Starts the copy of a chunk (NP pixels x kChunk channels, pixel-major) into a landing
+// stage: 16-byte cp.async where x allows (zeros for padding, past the last pixel or channel),
+// else plain element copies (Cin not a multiple of the vector, or x misaligned). Threads run
+// over a pixel's channels fastest: coalesced global reads.
 template <class C>
 __device__ __forceinline__ void IssueChunk(const ChunkedArgs& a, const typename C::Element* __restrict__ x,
-                                           int p0, int chunk, typename C::Bits* raw) {
+                                           const int* table, const ChunkPos& c, typename C::Bits* raw) {
   using Bits = typename C::Bits;
   constexpr int kPerRow = C::kChunk / C::kVec;
 #pragma unroll
   for (int j = 0; j < C::kCopies; ++j) {
     const int i = threadIdx.x + j * C::kThreads;
     const int p = i / kPerRow, v = i - p * kPerRow;
-    const int gp = p0 + p, ch = chunk * C::kChunk + v * C::kVec;
+    const int y = table[C::kNP + p] + c.dy, xw = table[2 * C::kNP + p] + c.dx, ch = c.ch0 + v * C::kVec;
+    const bool pixel = static_cast<unsigned>(y) < static_cast<unsigned>(a.in_h) &&
+                       static_cast<unsigned>(xw) < static_cast<unsigned>(a.in_w);
     Bits* dst = raw + p * C::kRawPitch + v * C::kVec;
-    const typename C::Element* src = x + static_cast<int64_t>(gp) * a.in_c + ch;
+    const typename C::Element* src =
+        x + (pixel ? (static_cast<int64_t>(table[p]) + static_cast<int64_t>(y) * a.in_w + xw) * a.in_c + ch : 0);
     if (a.vec_in) {
-      const bool ok = gp < a.pixels && ch < a.in_c;
+      const bool ok = pixel && ch < a.in_c;
       CpAsync16(dst, ok ? static_cast<const void*>(src) : static_cast<const void*>(x), ok ? 16 : 0);
     } else {
 #pragma unroll
       for (int k = 0; k < C::kVec; ++k)
-        dst[k] = gp < a.pixels && ch + k < a.in_c ? __ldg(reinterpret_cast<const Bits*>(src) + k) : Bits(0);
+        dst[k] = pixel && ch + k < a.in_c ? __ldg(reinterpret_cast<const Bits*>(src) + k) : Bits(0);
     }
   }
 }
 
 // Transposes a landed stage into the channel-major chunk: 16-bit types by ldmatrix.trans (a
 // warp takes 8 pixels x 32 channels: lane i gives the row of pixel i & 7 at channel block
-// i >> 3, and receives two neighbouring pixels of one channel as a 32-bit word); float32 by
+// i >> 3, and receives two neighbouring pixels of one channel as a 32-bit word; kTransposeTiles
+// such blocks a warp); float32 by
 // 16-byte loads of 4 channels, rounded to TF32.
 template <class C>
 __device__ __forceinline__ void TransposeChunk(const typename C::Bits* raw, typename C::Bits* chunk) {
@@ -130,8 +195,8 @@ __device__ __forceinline__ void TransposeChunk(const typename C::Bits* raw, type
     }
   } else {
 #pragma unroll
-    for (int o = 0; o < 2; ++o) {
-      const int tile = warp * 2 + o;
+    for (int o = 0; o < C::kTransposeTiles; ++o) {
+      const int tile = warp * C::kTransposeTiles + o;
       const int pg = tile % (C::kNP / 8), cg = tile / (C::kNP / 8);  // 8-pixel, 32-channel block
       uint32_t d[4];
       LdMatrixX4Trans(SmemAddr(raw + (pg * 8 + (lane & 7)) * C::kRawPitch + cg * 32 + (lane >> 3) * 8),
@@ -174,14 +239,14 @@ __device__ __forceinline__ void LoadStep(const int32_t* __restrict__ cols, const
   }
 }
 
-// The mma of one k-step over the warp's NP pixels, lanes whose column is outside [cs, cs +
-// kChunk) reading the zero row.
+// The mma of one k-step over the warp's NP pixels, lanes whose column is outside the chunk's
+// [cs, cs + width) reading the zero row.
 template <class C>
 __device__ __forceinline__ void MmaStep(const typename C::Bits* chunk, const typename C::Bits* zero_row, int cs,
-                                        int lane, const Step& st, float (&acc)[C::kNT][4]) {
+                                        int width, int lane, const Step& st, float (&acc)[C::kNT][4]) {
   const auto row = [&](int col) {
-    return static_cast<unsigned>(col - cs) < static_cast<unsigned>(C::kChunk) ? chunk + (col - cs) * C::kPitch
-                                                                              : zero_row;
+    return static_cast<unsigned>(col - cs) < static_cast<unsigned>(width) ? chunk + (col - cs) * C::kPitch
+                                                                          : zero_row;
   };
   if constexpr (C::kTf32) {
     const int r0 = lane >> 2;
@@ -263,7 +328,7 @@ __device__ __forceinline__ void StoreTile(const ChunkedArgs& a, const float (&ac
 }
 
 template <class C>
-__global__ void __launch_bounds__(C::kThreads, 2)
+__global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
 ChunkedTensorCoreKernel(ChunkedArgs a, const typename C::Element* __restrict__ x,
                         const typename C::Element* __restrict__ packed, const int32_t* __restrict__ columns,
                         const int32_t* __restrict__ col_offsets, const int32_t* __restrict__ channels,
@@ -275,7 +340,7 @@ ChunkedTensorCoreKernel(ChunkedArgs a, const typename C::Element* __restrict__ x
   Bits* ring = reinterpret_cast<Bits*>(smem_raw);           // kStages landing stages
   Bits* chunk_buf = ring + C::kStages * C::kRawElems;       // the channel-major chunk
   Bits* zero_row = chunk_buf + C::kChunk * C::kPitch;
-
+  int* table = reinterpret_cast<int*>(zero_row + C::kPitch);  // the block's pixel table
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int p0 = blockIdx.x * NP;
@@ -294,10 +359,18 @@ ChunkedTensorCoreKernel(ChunkedArgs a, const typename C::Element* __restrict__ x
   for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
 
   for (int i = tid; i < C::kPitch; i += C::kThreads) zero_row[i] = Bits(0);
-  const int chunks = (a.in_c + C::kChunk - 1) / C::kChunk;
+  FillPixelTable<C>(a, p0, table);
+  __syncthreads();
+  const int chunks = a.chunks;
+  ChunkPos ahead, pos;  // the next chunk to issue, the chunk to compute
+  ahead.Start<C>(a);
+  pos.Start<C>(a);
 #pragma unroll
   for (int c = 0; c < C::kStages - 1; ++c) {  // one commit group per chunk, empty ones too
-    if (c < chunks) IssueChunk<C>(a, x, p0, c, ring + c * C::kRawElems);
+    if (c < chunks) {
+      IssueChunk<C>(a, x, table, ahead, ring + c * C::kRawElems);
+      ahead.Next<C>(a);
+    }
     CpAsyncCommit();
   }
   int s = 0;  // the warp's next k-step
@@ -307,11 +380,13 @@ ChunkedTensorCoreKernel(ChunkedArgs a, const typename C::Element* __restrict__ x
     // channel-major buffer and chunk c - 1's stage are free.
     __syncthreads();
     TransposeChunk<C>(ring + (c % C::kStages) * C::kRawElems, chunk_buf);
-    if (c + C::kStages - 1 < chunks)
-      IssueChunk<C>(a, x, p0, c + C::kStages - 1, ring + ((c + C::kStages - 1) % C::kStages) * C::kRawElems);
+    if (c + C::kStages - 1 < chunks) {
+      IssueChunk<C>(a, x, table, ahead, ring + ((c + C::kStages - 1) % C::kStages) * C::kRawElems);
+      ahead.Next<C>(a);
+    }
     CpAsyncCommit();
     __syncthreads();
-    const int cs = c * C::kChunk, ce = cs + C::kChunk;
+    const int cs = pos.cs, ce = cs + pos.width;
     if (active && s < steps) {
       Step st, next;
       LoadStep<C>(cols, tile, kp, s, lane, st);
@@ -322,15 +397,16 @@ ChunkedTensorCoreKernel(ChunkedArgs a, const typename C::Element* __restrict__ x
         const int last = __shfl_sync(0xffffffffu, C::kTf32 ? st.col1 : st.col0, C::kTf32 ? 3 : 15);
         if (first >= ce) break;  // the step starts in a later chunk
         if (s + 1 < steps) LoadStep<C>(cols, tile, kp, s + 1, lane, next);
-        MmaStep<C>(chunk_buf, zero_row, cs, lane, st, acc);
+        MmaStep<C>(chunk_buf, zero_row, cs, pos.width, lane, st, acc);
         if (last >= ce) break;  // the step goes on in the next chunk: issue it again there
         if (++s == steps) break;
         st = next;
       }
     }
+    pos.Next<C>(a);
   }
   CpAsyncWait<0>();
-  __syncthreads();  // the output stage aliases the ring and the chunk
+  __syncthreads();  // the output stage aliases the ring, the chunk and the table
   StoreTile<C>(a, acc, reinterpret_cast<T*>(smem_raw), channels, bias, out, p0, g, active);
 }
 
@@ -357,6 +433,19 @@ cudaError_t LaunchChunkedConfig(cudaStream_t stream, const TensorCoreShape& s, c
   a.vec_in = (s.in_c % C::kVec == 0 && reinterpret_cast<uintptr_t>(op.x) % 16 == 0) ? 1 : 0;
   a.window = s.window == C::kChannels ? 1 : 0;
   a.vec_out = (a.window && s.out_c % C::kVec == 0 && reinterpret_cast<uintptr_t>(op.out) % 16 == 0) ? 1 : 0;
+  const ConvGeometry& g = s.conv;
+  a.in_h = static_cast<int>(g.in_h);
+  a.in_w = static_cast<int>(g.in_w);
+  a.out_hw = static_cast<int>(g.out_h * g.out_w);
+  a.out_w = static_cast<int>(g.out_w);
+  a.kernel_w = static_cast<int>(g.kernel_w);
+  a.stride_h = static_cast<int>(g.stride_h);
+  a.stride_w = static_cast<int>(g.stride_w);
+  a.pad_h = static_cast<int>(g.pad_h_lo);
+  a.pad_w = static_cast<int>(g.pad_w_lo);
+  a.dil_h = static_cast<int>(g.dilation_h);
+  a.dil_w = static_cast<int>(g.dilation_w);
+  a.chunks = static_cast<int>(g.kernel_h * g.kernel_w * ((s.in_c + C::kChunk - 1) / C::kChunk));
   if (cudaError_t e = AllowDynamicSmem(reinterpret_cast<const void*>(ChunkedTensorCoreKernel<C>), C::kSmemBytes);
       e != cudaSuccess)
     return e;
@@ -368,6 +457,8 @@ cudaError_t LaunchChunkedConfig(cudaStream_t stream, const TensorCoreShape& s, c
   return cudaGetLastError();
 }
 
+// Blocks of 8 warps whatever Cout: blocks of 4 for Cout <= 64 (no idle warps) measured
+// slower (NOTES.md).
 template <typename T>
 cudaError_t LaunchChunkedTyped(cudaStream_t stream, const TensorCoreShape& s, const TensorCoreOperands& op) {
   switch (s.tile_pixels ? s.tile_pixels : ChunkedPixels(s)) {
@@ -382,11 +473,18 @@ cudaError_t LaunchChunkedTyped(cudaStream_t stream, const TensorCoreShape& s, co
 }  // namespace tensorcore
 
 bool ChunkedTensorCoreFits(const TensorCoreShape& s, ElementType) {
-  // 32-bit pixel and column arithmetic inside the kernel (a tile's pixel index may pass the
-  // last pixel by up to 63); grid.y = groups / 8.
+  // 32-bit pixel, row and column arithmetic inside the kernel (a tile's pixel index may pass
+  // the last pixel by up to 63; rows and columns of a tap stay within +-2^30, the far row of
+  // a pixel past the end below -2^29); grid.y = groups / 8.
+  const ConvGeometry& g = s.conv;
+  constexpr int64_t kSpan = int64_t{1} << 29;
   return s.pixels > 0 && s.in_c > 0 && s.out_c > 0 && s.groups > 0 && s.pixels <= INT32_MAX - 64 &&
+         s.pixels == g.output_pixels() && s.in_c == g.in_c && s.out_c == g.out_c &&
+         g.batch * g.in_h * g.in_w <= INT32_MAX && g.in_h + g.pad_h_lo + g.pad_h_hi < kSpan &&
+         g.in_w + g.pad_w_lo + g.pad_w_hi < kSpan && (g.kernel_h - 1) * g.dilation_h < kSpan &&
+         (g.kernel_w - 1) * g.dilation_w < kSpan && g.stride_h < kSpan && g.stride_w < kSpan &&
          (s.tile_pixels == 0 || s.tile_pixels == 16 || s.tile_pixels == 32 || s.tile_pixels == 64) &&
-         s.in_c <= INT32_MAX / 2 && s.pixels * s.out_c <= (int64_t{1} << 40) &&
+         g.taps() <= INT32_MAX / 2 && s.pixels * s.out_c <= (int64_t{1} << 40) &&
          (s.groups + 1) * 16 <= INT32_MAX && (s.groups + 7) / 8 <= 65535;
 }
 

@@ -11,10 +11,9 @@ channels-last inputs, any number of leading batch dimensions, promotion to
 A layer may also hold a `jaxsparse.TensorCorePlan` of its pattern
 (``self.tensor_core_plan``, static: part of the graph definition, not of the
 state; `plan_tensor_cores`, or `sparsify(policy='auto')` where the tensor-core
-kernel times fastest). Calls the plan fits then run `jaxsparse.tc_conv1x1`
-(1x1, stride 1, unpadded, bf16/f16 or float32 at a precision allowing TF32,
-the plan's mma k matching the computed dtype); every other call runs
-`sparse_conv`. `jaxsparse.nn.save` stores the plan with the layer.
+kernel times fastest). Calls the plan fits then run `jaxsparse.tc_conv`
+(any geometry; bf16/f16, or float32 at a precision allowing TF32; the plan's mma
+k matching the computed dtype); every other call runs `sparse_conv`. `jaxsparse.nn.save` stores the plan with the layer.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from jaxsparse.geometry import (as_static_int, as_static_ints, dilated_size, is_
                                 padding_pairs)
 from jaxsparse.ops import sparse_conv
 from jaxsparse.options import canonical_precision, check_kernel, precision_from_json, precision_to_json
-from jaxsparse.tc_conv import k_multiple_for, plan_for, tc_conv1x1, tensor_core_ineligible
+from jaxsparse.tc_conv import k_multiple_for, plan_for, tc_conv, tensor_core_ineligible
 from jaxsparse.tc_plan import TensorCorePlan, TensorCorePlanError
 
 default_kernel_init = initializers.lecun_normal()
@@ -268,7 +267,7 @@ class SparseConv(nnx.Module):
         pattern (not inside a transformation). Raises `TensorCorePlanError` for a plan of
         another pattern and ``ValueError`` for a layer the plan can never serve."""
         compute = jnp.dtype(self.param_dtype if self.dtype is None else self.dtype)
-        why = tensor_core_ineligible(self.kernel_size, self.strides, self.padding, compute, self.precision)
+        why = tensor_core_ineligible(compute, self.precision)
         if why is not None:
             raise ValueError(f"SparseConv: no tensor-core plan for this layer: {why}")
         filt = self.sparse_filter.astype(compute)  # the plan's mma k follows the computed dtype
@@ -339,7 +338,7 @@ def apply_sparse_conv(inputs, data, indices, indptr, bias, *, kernel_size, in_fe
     ``padding`` is canonical (`canonicalize_padding`); leading batch dimensions
     are flattened and restored; inputs, values and bias are promoted to ``dtype``
     (or their common type) as `nnx.Conv` does. With a ``tensor_core_plan`` the calls it
-    fits run `tc_conv1x1` (see the module docstring).
+    fits run `tc_conv` (see the module docstring).
     """
     nd = len(kernel_size)
     batch_dims = inputs.ndim - (nd + 1)
@@ -369,9 +368,10 @@ def apply_sparse_conv(inputs, data, indices, indptr, bias, *, kernel_size, in_fe
     filt = SparseFilter(data, indices, indptr, kernel_size=kernel_size, in_channels=in_features,
                         out_channels=out_features, validate=concrete)
     if (tensor_core_plan is not None and tensor_core_plan.k_multiple == k_multiple_for(inputs.dtype)
-            and tensor_core_ineligible(kernel_size, strides, padding, inputs.dtype, precision) is None):
+            and tensor_core_ineligible(inputs.dtype, precision) is None):
         # The plan is static; a traced pattern that differs from it is poisoned (NaN) by its packing.
-        y = tc_conv1x1(inputs, filt, tensor_core_plan, bias=bias, activation=activation, precision=precision)
+        y = tc_conv(inputs, filt, tensor_core_plan, strides=strides, padding=padding, rhs_dilation=kernel_dilation,
+                    bias=bias, activation=activation, precision=precision)
     else:
         y = sparse_conv(inputs, filt, strides=strides, padding=padding, rhs_dilation=kernel_dilation,
                         bias=bias, activation=activation, precision=precision, kernel=kernel_family)

@@ -1,7 +1,7 @@
 """Timing of one layer, dense against sparse, for `sparsify(policy='auto')`.
 
 Timing goes through ``timer(spec: LayerSpec, impl: 'dense' | 'sparse' | 'tensorcore')``,
-which returns µs or a measurement with ``us`` and ``ok`` ('tensorcore': `jaxsparse.tc_conv1x1`
+which returns µs or a measurement with ``us`` and ``ok`` ('tensorcore': `jaxsparse.tc_conv`
 on the layer's tensor-core plan, for the layers `tensor_core_candidate` admits). The default, `chain_timer`,
 uses the chain method and returns a checked `jaxsparse.benchmark.ChainTime`
 (``ok`` False for a ``'fallback'`` estimate). Results are cached on disk
@@ -147,10 +147,9 @@ def tensor_cores_unavailable() -> str | None:
 
 
 def tensor_core_candidate(spec: LayerSpec) -> bool:
-    """Whether the layer could run on `jaxsparse.tc_conv1x1` (`tensor_core_ineligible`)."""
+    """Whether the layer could run on `jaxsparse.tc_conv` (`tensor_core_ineligible`)."""
     from jaxsparse.tc_conv import tensor_core_ineligible
-    return tensor_core_ineligible(spec.kernel_shape[:-2], spec.strides, spec.padding_arg, spec.dtype,
-                                  lax.Precision[spec.precision]) is None
+    return tensor_core_ineligible(spec.dtype, lax.Precision[spec.precision]) is None
 
 
 def layer_functions(spec: LayerSpec, seed: int = 0):
@@ -183,9 +182,10 @@ def layer_functions(spec: LayerSpec, seed: int = 0):
 
     impls = {"dense": dense, "sparse": sparse}
     if tensor_core_candidate(spec):
-        from jaxsparse.tc_conv import plan_for, tc_conv1x1
+        from jaxsparse.tc_conv import plan_for, tc_conv
         plan = plan_for(filt)
-        impls["tensorcore"] = lambda x: tc_conv1x1(x, filt, plan, bias=bias, precision=precision)
+        impls["tensorcore"] = lambda x: tc_conv(x, filt, plan, strides=spec.strides, padding=padding,
+                                                rhs_dilation=spec.kernel_dilation, bias=bias, precision=precision)
     x = jnp.asarray(rng.standard_normal(spec.input_shape).astype(np.float32), dtype)
     return impls, x
 

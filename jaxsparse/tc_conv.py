@@ -66,7 +66,7 @@ def plan_for(filt: SparseFilter, window: int = DEFAULT_WINDOW) -> TensorCorePlan
     pattern and window (cached by the pattern's fingerprint, the last 64)."""
     if isinstance(filt.indices, jax.core.Tracer) or isinstance(filt.indptr, jax.core.Tracer):
         raise TensorCorePlanError("the tensor-core plan needs a concrete sparsity pattern: build it "
-                                  "outside jit with plan_for(filter) and pass it as tc_conv1x1(x, f, plan)")
+                                  "outside jit with plan_for(filter) and pass it as tc_conv(x, f, plan)")
     k = k_multiple_for(filt.data.dtype)
     key = (_filter_fingerprint(filt), k, int(window))
     plan = _PLANS.get(key)

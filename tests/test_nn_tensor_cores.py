@@ -99,17 +99,20 @@ def test_a_traced_pattern_other_than_the_plans_is_poisoned():
     assert np.isnan(as_f64(y)).all()
 
 
-def test_gradients_through_the_plan_match_sparse_conv():
-    f = jaxsparse.random_filter(3, (1, 1), 24, 20, 0.7)
+@pytest.mark.parametrize("kernel_size,strides,padding,dilation", [
+    ((1, 1), 1, "VALID", 1), ((3, 3), 2, "SAME", 1), ((3, 3), 1, ((2, 0), (1, 3)), 2), ((5,), 1, "VALID", 1)])
+def test_gradients_through_the_plan_match_sparse_conv(kernel_size, strides, padding, dilation):
+    f = jaxsparse.random_filter(3, kernel_size, 24, 20, 0.7)
     rng = np.random.default_rng(3)
-    x = jnp.asarray(random_input(rng, (2, 5, 5, 24)))
+    x = jnp.asarray(random_input(rng, (2,) + (7,) * len(kernel_size) + (24,)))
     b = jnp.asarray(rng.standard_normal(20).astype(np.float32))
     plan = plan_for(f)
+    geo = dict(strides=strides, padding=padding, rhs_dilation=dilation)
 
     def loss(conv):
         return lambda x, d, b: jnp.sum(jnp.sin(conv(x, f.with_data(d), b)))
-    tc = loss(lambda x, f, b: tc_conv1x1(x, f, plan, bias=b, activation="relu", precision="default"))
-    ref = loss(lambda x, f, b: sparse_conv(x, f, bias=b, activation="relu", padding="VALID"))
+    tc = loss(lambda x, f, b: tc_conv(x, f, plan, bias=b, activation="relu", precision="default", **geo))
+    ref = loss(lambda x, f, b: sparse_conv(x, f, bias=b, activation="relu", **geo))
     for got, want in zip(jax.jit(jax.grad(tc, argnums=(0, 1, 2)))(x, f.data, b),
                          jax.grad(ref, argnums=(0, 1, 2))(x, f.data, b)):
         tol = tolerance(jnp.float32)  # TF32 primal on the GPU (the tangents are computed exactly)

@@ -7,6 +7,6 @@ namespace jaxsparse {
 XLA_FFI_DECLARE_HANDLER_SYMBOL(SparseConvCudaHandler);
 // Custom-call target "jaxsparse_sparse_conv_filter_grad" on platform "CUDA".
 XLA_FFI_DECLARE_HANDLER_SYMBOL(SparseConvFilterGradCudaHandler);
-// Custom-call target "jaxsparse_tc_spmm" on platform "CUDA" (tensor-core 1x1, issue 14).
+// Custom-call target "jaxsparse_tc_spmm" on platform "CUDA" (tensor-core convolution, issue 14).
 XLA_FFI_DECLARE_HANDLER_SYMBOL(TcSpmmCudaHandler);
 }  // namespace jaxsparse

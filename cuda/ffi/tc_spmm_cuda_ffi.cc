@@ -90,7 +90,8 @@ ffi::Error TcSpmmCudaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer 
   if (kind == TensorCoreDesign::kSlab && !s.conv.pointwise())
     return TcError("the slab design takes 1x1, stride-1, unpadded convolutions only");
   if (!TensorCoreFits(s, type, kind))
-    return TcError("shape not supported by this design (for the slab design: Cin too large for the input slab)");
+    return TcError("shape not supported by this design (slab: Cin too large for the input slab; chunked: "
+                   "sizes past its 32-bit pixel, row and column arithmetic)");
   TensorCoreOperands op;
   op.x = x.untyped_data();
   op.packed = packed.untyped_data();

@@ -3,7 +3,7 @@
 // `sparse_conv_tensorcore.cu` (kSlab, 1x1 stride 1 only: all Cin channels of a pixel tile
 // staged once, warps walk groups) and `sparse_conv_tensorcore_chunked.cu` (kChunked, any
 // geometry: the (tap, Cin) columns streamed in chunks, one group per warp held in registers
-// across the chunks, a 64- or 128-channel output tile). The plan is jaxsparse/tc_plan.py's
+// across the chunks, a 128-channel output tile). The plan is jaxsparse/tc_plan.py's
 // TensorCorePlan: output channels in groups of 16 (`channels`, -1 for missing rows), each
 // group's union columns padded to the mma k (`columns`, `col_offsets`), and the packed
 // dense tiles (`packed`, row-major 16 x k_padded per group at 16 * col_offsets[g]).

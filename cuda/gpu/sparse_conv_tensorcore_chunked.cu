@@ -483,6 +483,7 @@ bool ChunkedTensorCoreFits(const TensorCoreShape& s, ElementType) {
          g.batch * g.in_h * g.in_w <= INT32_MAX && g.in_h + g.pad_h_lo + g.pad_h_hi < kSpan &&
          g.in_w + g.pad_w_lo + g.pad_w_hi < kSpan && (g.kernel_h - 1) * g.dilation_h < kSpan &&
          (g.kernel_w - 1) * g.dilation_w < kSpan && g.stride_h < kSpan && g.stride_w < kSpan &&
+         g.dilation_h < kSpan && g.dilation_w < kSpan &&
          (s.tile_pixels == 0 || s.tile_pixels == 16 || s.tile_pixels == 32 || s.tile_pixels == 64) &&
          g.taps() <= INT32_MAX / 2 && s.pixels * s.out_c <= (int64_t{1} << 40) &&
          (s.groups + 1) * 16 <= INT32_MAX && (s.groups + 7) / 8 <= 65535;

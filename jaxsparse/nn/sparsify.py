@@ -11,8 +11,8 @@ compute the same function, so the model's outputs do not depend on the choice:
   run, and keeps the faster, so a sparsified model is never slower than the
   dense one layer for layer. Where no native sparse kernel exists on the device,
   sparse counts as unavailable (the densify fallback is never timed). Where the
-  tensor-core kernel can run (a GPU with it, a 1x1 stride-1 layer at a dtype and
-  precision that allow it; `jaxsparse.nn.timing.tensor_core_candidate`) it is
+  tensor-core kernel can run (a GPU with it, any layer at a dtype and precision
+  that allow it; `jaxsparse.nn.timing.tensor_core_candidate`) it is
   timed as a third candidate, and a layer it wins becomes a `SparseConv` holding
   its tensor-core plan (`SparseConv.plan_tensor_cores`). The report
   keeps how each timing was got (`LayerDecision.dense_check`, ``sparse_check``)

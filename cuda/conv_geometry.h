@@ -39,6 +39,12 @@ struct ConvGeometry {
     return (in + lo + hi - (dil * (k - 1) + 1)) / stride + 1;
   }
 
+  // Whether out_h and out_w are the convolution's output size for in_h and in_w.
+  JAXSPARSE_HOST_DEVICE bool output_size_matches() const {
+    return out_h == OutputSize(in_h, kernel_h, stride_h, pad_h_lo, pad_h_hi, dilation_h) &&
+           out_w == OutputSize(in_w, kernel_w, stride_w, pad_w_lo, pad_w_hi, dilation_w);
+  }
+
   JAXSPARSE_HOST_DEVICE int64_t taps() const { return kernel_h * kernel_w * in_c; }
   JAXSPARSE_HOST_DEVICE int64_t output_pixels() const { return batch * out_h * out_w; }
   // A 1x1, stride-1, unpadded convolution: output pixel p reads input pixel p.

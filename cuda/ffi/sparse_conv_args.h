@@ -49,6 +49,34 @@ inline ffi::Error DecodeOptions(int64_t kernel, int64_t precision, int64_t kerne
   return ffi::Error::Success();
 }
 
+// The convolution of NHWC x into NHWC y under the geometry attributes, into `g` (shapes,
+// kernel, strides, padding, dilation): nullptr, or what is wrong with them. Shared by
+// sparse_conv's adapters and the tensor-core one, each adding its own checks and prefix.
+inline const char* ConvShapeProblem(const ffi::AnyBuffer& x, const ffi::AnyBuffer& y, const SparseConvAttrs& a,
+                                    ConvGeometry* g) {
+  if (a.kernel_size.size() != 2 || a.strides.size() != 2 || a.padding.size() != 4 ||
+      a.dilation.size() != 2)
+    return "attributes kernel_size/strides/dilation need 2 entries, padding 4";
+  const auto xd = x.dimensions();
+  const auto yd = y.dimensions();
+  if (xd.size() != 4 || yd.size() != 4) return "x and output must be NHWC (rank 4)";
+  g->batch = xd[0]; g->in_h = xd[1]; g->in_w = xd[2]; g->in_c = xd[3];
+  g->out_h = yd[1]; g->out_w = yd[2]; g->out_c = yd[3];
+  g->kernel_h = a.kernel_size[0]; g->kernel_w = a.kernel_size[1];
+  g->stride_h = a.strides[0]; g->stride_w = a.strides[1];
+  g->pad_h_lo = a.padding[0]; g->pad_h_hi = a.padding[1];
+  g->pad_w_lo = a.padding[2]; g->pad_w_hi = a.padding[3];
+  g->dilation_h = a.dilation[0]; g->dilation_w = a.dilation[1];
+  g->relu = a.relu != 0;
+  if (yd[0] != g->batch) return "output batch differs from input batch";
+  if (g->kernel_h < 1 || g->kernel_w < 1 || g->stride_h < 1 || g->stride_w < 1 ||
+      g->dilation_h < 1 || g->dilation_w < 1)
+    return "kernel size, strides and dilation must be positive";
+  if (g->pad_h_lo < 0 || g->pad_h_hi < 0 || g->pad_w_lo < 0 || g->pad_w_hi < 0)
+    return "padding must be non-negative";
+  return nullptr;
+}
+
 // Fills `g` and `type` from the operands shared by the forward op and its
 // filter gradient: input x (NHWC), output-shaped y (NHWC), a values-shaped
 // buffer (nnz,), and the CSR structure. Returns a non-ok error naming the
@@ -63,41 +91,16 @@ inline ffi::Error DecodeGeometry(const ffi::AnyBuffer& x, const ffi::AnyBuffer& 
     return InvalidArgument("filter values and output must have the dtype of x");
   if (indices.element_type() != ffi::DataType::S32 || indptr.element_type() != ffi::DataType::S32)
     return InvalidArgument("indices and indptr must be int32");
-  if (a.kernel_size.size() != 2 || a.strides.size() != 2 || a.padding.size() != 4 ||
-      a.dilation.size() != 2)
-    return InvalidArgument("attributes kernel_size/strides/dilation need 2 entries, padding 4");
-  const auto xd = x.dimensions();
-  const auto yd = y.dimensions();
-  if (xd.size() != 4 || yd.size() != 4) return InvalidArgument("x and output must be NHWC (rank 4)");
+  if (const char* problem = ConvShapeProblem(x, y, a, g)) return InvalidArgument(problem);
   if (values.dimensions().size() != 1 || indices.dimensions().size() != 1 ||
       indptr.dimensions().size() != 1)
     return InvalidArgument("values, indices and indptr must be rank 1");
-
-  g->batch = xd[0]; g->in_h = xd[1]; g->in_w = xd[2]; g->in_c = xd[3];
-  g->out_h = yd[1]; g->out_w = yd[2]; g->out_c = yd[3];
-  g->kernel_h = a.kernel_size[0]; g->kernel_w = a.kernel_size[1];
-  g->stride_h = a.strides[0]; g->stride_w = a.strides[1];
-  g->pad_h_lo = a.padding[0]; g->pad_h_hi = a.padding[1];
-  g->pad_w_lo = a.padding[2]; g->pad_w_hi = a.padding[3];
-  g->dilation_h = a.dilation[0]; g->dilation_w = a.dilation[1];
   g->nnz = values.dimensions()[0];
-  g->relu = a.relu != 0;
-
-  if (g->kernel_h < 1 || g->kernel_w < 1 || g->stride_h < 1 || g->stride_w < 1 ||
-      g->dilation_h < 1 || g->dilation_w < 1)
-    return InvalidArgument("kernel size, strides and dilation must be positive");
-  if (g->pad_h_lo < 0 || g->pad_h_hi < 0 || g->pad_w_lo < 0 || g->pad_w_hi < 0)
-    return InvalidArgument("padding must be non-negative");
   if (g->in_c < 1 || g->out_c < 1) return InvalidArgument("channel counts must be positive");
-  if (yd[0] != g->batch) return InvalidArgument("output batch differs from input batch");
   if (indices.dimensions()[0] != g->nnz) return InvalidArgument("indices and values differ in length");
   if (indptr.dimensions()[0] != g->out_c + 1)
     return InvalidArgument("indptr must have out_channels + 1 entries");
-  const int64_t oh = ConvGeometry::OutputSize(g->in_h, g->kernel_h, g->stride_h, g->pad_h_lo,
-                                              g->pad_h_hi, g->dilation_h);
-  const int64_t ow = ConvGeometry::OutputSize(g->in_w, g->kernel_w, g->stride_w, g->pad_w_lo,
-                                              g->pad_w_hi, g->dilation_w);
-  if (oh != g->out_h || ow != g->out_w) return InvalidArgument("output spatial shape does not match the convolution");
+  if (!g->output_size_matches()) return InvalidArgument("output spatial shape does not match the convolution");
   if (g->taps() > INT32_MAX) return InvalidArgument("KH * KW * Cin must fit in int32");
   return ffi::Error::Success();
 }

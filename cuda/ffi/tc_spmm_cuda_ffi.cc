@@ -18,36 +18,6 @@ bool IsInt32Vector(const ffi::AnyBuffer& b) {
   return b.element_type() == ffi::DataType::S32 && b.dimensions().size() == 1;
 }
 
-// The convolution of NHWC x into NHWC out under the geometry attributes (any empty axis
-// allowed: the call then has nothing to compute).
-ffi::Error DecodeTcGeometry(const ffi::AnyBuffer& x, const ffi::AnyBuffer& out, ffi::Span<const int64_t> kernel_size,
-                            ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding,
-                            ffi::Span<const int64_t> dilation, ConvGeometry* g) {
-  const auto xd = x.dimensions(), od = out.dimensions();
-  if (xd.size() != 4 || od.size() != 4) return TcError("x and out must be NHWC (rank 4)");
-  if (kernel_size.size() != 2 || strides.size() != 2 || padding.size() != 4 || dilation.size() != 2)
-    return TcError("attributes kernel_size/strides/dilation need 2 entries, padding 4");
-  g->batch = xd[0]; g->in_h = xd[1]; g->in_w = xd[2]; g->in_c = xd[3];
-  g->out_h = od[1]; g->out_w = od[2]; g->out_c = od[3];
-  g->kernel_h = kernel_size[0]; g->kernel_w = kernel_size[1];
-  g->stride_h = strides[0]; g->stride_w = strides[1];
-  g->pad_h_lo = padding[0]; g->pad_h_hi = padding[1]; g->pad_w_lo = padding[2]; g->pad_w_hi = padding[3];
-  g->dilation_h = dilation[0]; g->dilation_w = dilation[1];
-  if (od[0] != xd[0]) return TcError("x and out must have the same batch");
-  if (g->kernel_h < 1 || g->kernel_w < 1 || g->stride_h < 1 || g->stride_w < 1 || g->dilation_h < 1 ||
-      g->dilation_w < 1)
-    return TcError("kernel size, strides and dilation must be positive");
-  if (g->pad_h_lo < 0 || g->pad_h_hi < 0 || g->pad_w_lo < 0 || g->pad_w_hi < 0)
-    return TcError("padding must be non-negative");
-  const int64_t oh = ConvGeometry::OutputSize(g->in_h, g->kernel_h, g->stride_h, g->pad_h_lo, g->pad_h_hi,
-                                              g->dilation_h);
-  const int64_t ow = ConvGeometry::OutputSize(g->in_w, g->kernel_w, g->stride_w, g->pad_w_lo, g->pad_w_hi,
-                                              g->dilation_w);
-  if (g->output_pixels() > 0 && (oh != g->out_h || ow != g->out_w))
-    return TcError("output spatial shape does not match the convolution");
-  return ffi::Error::Success();
-}
-
 ffi::Error TcSpmmCudaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer packed,
                           ffi::AnyBuffer columns, ffi::AnyBuffer col_offsets, ffi::AnyBuffer channels,
                           ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> out,
@@ -61,14 +31,18 @@ ffi::Error TcSpmmCudaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer 
   if (!IsInt32Vector(columns) || !IsInt32Vector(col_offsets) || !IsInt32Vector(channels))
     return TcError("columns, col_offsets and channels must be int32 vectors");
   TensorCoreShape s;
-  if (ffi::Error e = DecodeTcGeometry(x, *out, kernel_size, strides, padding, dilation, &s.conv); e.failure())
-    return e;
+  if (const char* problem = ConvShapeProblem(x, *out, SparseConvAttrs{kernel_size, strides, padding, dilation, relu},
+                                             &s.conv))
+    return TcError(problem);
+  // Any empty axis is allowed (nothing to compute), so the output size is checked only past that.
+  if (s.conv.output_pixels() > 0 && !s.conv.output_size_matches())
+    return TcError("output spatial shape does not match the convolution");
   s.in_c = s.conv.in_c;
   s.out_c = s.conv.out_c;
   s.pixels = s.conv.output_pixels();
   s.groups = col_offsets.dimensions()[0] - 1;
   s.k_total = columns.dimensions()[0];
-  s.relu = relu != 0;
+  s.relu = s.conv.relu;
   if (design != static_cast<int64_t>(TensorCoreDesign::kSlab) && design != static_cast<int64_t>(TensorCoreDesign::kChunked))
     return TcError("design must be 1 (slab) or 2 (chunked)");
   const auto kind = static_cast<TensorCoreDesign>(design);

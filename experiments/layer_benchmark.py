@@ -10,7 +10,8 @@ Sparse and dense at the same dtype, in the same run, by the same method:
 * for the stride-1 ResNet-50 1x1 layers also `jax.experimental.sparse` BCSR
   (cuSPARSE) in channel-major form, float32;
 * (``--tensor_cores``) for every chainable layer the tensor-core family `jaxsparse.tc_conv`
-  at the modes that allow tensor cores (TF32, bf16, f16), in the same row as the dense time it is compared with (``tc_*``, ``speedup_tc_*``).
+  at the modes that allow tensor cores (TF32, bf16, f16), in the same row as the dense time it
+  is compared with (``tc_*``, ``speedup_tc_*``).
 
 Every chain time is checked, also against twice the measured matmul peak of its mode (the
 largest of the modes sharing a sparse or BCSR time); rows keep the check (``dense_check``,
@@ -164,8 +165,7 @@ def main(argv):
                                       kern_us(one(steps_t), x))
                 tcc, tck = tc_cache[tkey]
                 tc = dict(tc_chain_us=tcc, tc_kernel_us=tck,
-                          speedup_tc_chain=(dc / tcc) if tcc and dc and tcc > 0 else None,
-                          speedup_tc_kernel=(dk / tck) if tck and dk and tck > 0 else None,
+                          speedup_tc_chain=T.ratio(dc, tcc), speedup_tc_kernel=T.ratio(dk, tck),
                           **T.check_fields("tc", tcc))
             row = dict(layer=layer.name, model=layer.model, shape=layer.describe(), batch=batch,
                        sparsity=sparsity, pattern=used, mode=mode, chain_kind=kind, nnz=nnz,

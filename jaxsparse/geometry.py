@@ -163,6 +163,16 @@ def is_pointwise(kernel_size: Sequence[int], strides: Sequence[int], padding: Se
             all(tuple(p) == (0, 0) for p in padding))
 
 
+def as_2d(kernel_size: Sequence[int], strides: Sequence[int], padding: Sequence[tuple[int, int]],
+          dilation: Sequence[int]) -> tuple[tuple, tuple, tuple, tuple]:
+    """(kernel_size, strides, padding, dilation) of the 2-D convolution that computes a 1-D one
+    on images one pixel high (a first axis of kernel 1, stride 1, no padding, dilation 1; the
+    input then takes a unit axis after the batch); a 2-D geometry unchanged. Padding: pairs."""
+    lift = 2 - len(kernel_size)
+    return ((1,) * lift + tuple(kernel_size), (1,) * lift + tuple(strides),
+            ((0, 0),) * lift + tuple(tuple(p) for p in padding), (1,) * lift + tuple(dilation))
+
+
 def dilated_size(kernel: int, dilation: int) -> int:
     """Extent of a kernel of ``kernel`` taps spaced ``dilation`` apart: (kernel - 1) * dilation + 1."""
     return (kernel - 1) * dilation + 1

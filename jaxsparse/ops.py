@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsparse.format import SUPPORTED_DTYPES, SparseFilter, SparseFilterError
-from jaxsparse.geometry import conv_output_shape, is_pointwise, kernel_fits, normalize_ints, normalize_padding
+from jaxsparse.geometry import (as_2d, conv_output_shape, is_pointwise, kernel_fits, normalize_ints,
+                                normalize_padding)
 from jaxsparse.options import ConvOptions
 from jaxsparse.primitive import bind
 
@@ -150,11 +151,8 @@ def sparse_conv(x, filter: SparseFilter, *, strides=1, padding="SAME", rhs_dilat
         return _without_products(out_shape, bias_arr, relu, x.dtype)
 
     if nd == 1:
-        x = x[:, None]
-        kernel_size, strides, pads, dilation = ((1,) + filter.kernel_size, (1,) + strides,
-                                                ((0, 0),) + pads, (1,) + dilation)
-    else:
-        kernel_size = filter.kernel_size
+        x = x[:, None]  # images one pixel high
+    kernel_size, strides, pads, dilation = as_2d(filter.kernel_size, strides, pads, dilation)
     out = bind(x, filter.data, filter.indices, filter.indptr, bias_arr, kernel_size=kernel_size,
                strides=strides, padding=pads, dilation=dilation, relu=relu, options=options)
     return out[:, 0] if nd == 1 else out

@@ -136,13 +136,13 @@ def _check(x, filt: SparseFilter, plan: TensorCorePlan, bias, precision, design,
         raise ValueError("the plan is too large for 32-bit tile offsets")
 
 
-def _tc_conv2d(x, filt: SparseFilter, plan: TensorCorePlan, *, strides, pads, dilation, bias, relu, design,
-               tile_pixels):
-    """The kernel call on NHWC ``x`` (2-D geometry, explicit padding pairs, checked operands):
+def _tc_conv2d(x, filt: SparseFilter, plan: TensorCorePlan, *, kernel_hw, strides, pads, dilation, bias, relu,
+               design, tile_pixels):
+    """The kernel call on NHWC ``x`` (2-D geometry, `geometry.as_2d` of a 1-D one; explicit padding
+    pairs; checked operands):
     the CUDA target on GPUs, elsewhere XLA's convolution with the plan's dense kernel; a custom
     JVP differentiates it through that dense kernel."""
     packed, _ = plan.pack(filt)  # NaN-poisoned for a traced filter of another pattern
-    kernel_hw = (1,) * (2 - len(filt.kernel_size)) + tuple(filt.kernel_size)
     out_shape = geometry.conv_output_shape(x.shape, kernel_hw, strides, pads, dilation, filt.out_channels)
     columns = jnp.asarray(plan.columns, jnp.int32)
     col_offsets = jnp.asarray(plan.col_offsets.astype(np.int32))
@@ -193,8 +193,9 @@ def tc_conv1x1(x, filt: SparseFilter, plan: TensorCorePlan | None = None, *, bia
     plan = _default_plan(filt, design) if plan is None else plan
     _check(x, filt, plan, bias, precision, design, tile_pixels)
     pixels = math.prod(x.shape[:-1])
-    y = _tc_conv2d(x.reshape(1, 1, pixels, filt.in_channels), filt, plan, strides=(1, 1), pads=((0, 0), (0, 0)),
-                   dilation=(1, 1), bias=bias, relu=_relu_flag(activation), design=design, tile_pixels=tile_pixels)
+    y = _tc_conv2d(x.reshape(1, 1, pixels, filt.in_channels), filt, plan, kernel_hw=(1, 1), strides=(1, 1),
+                   pads=((0, 0), (0, 0)), dilation=(1, 1), bias=bias, relu=_relu_flag(activation), design=design,
+                   tile_pixels=tile_pixels)
     return y.reshape(x.shape[:-1] + (filt.out_channels,))
 
 
@@ -222,10 +223,7 @@ def tc_conv(x, filt: SparseFilter, plan: TensorCorePlan | None = None, *, stride
         raise ValueError(f"design {design!r} takes 1x1, stride-1, unpadded convolutions only: use 'chunked'")
     if x.size:
         _check_kernel_fits(x.shape[1:-1], filt.kernel_size, pads, dilation)
-    if ndim == 1:  # as a 2-D convolution of images one pixel high
-        y = _tc_conv2d(x[:, None], filt, plan, strides=(1,) + strides, pads=((0, 0),) + tuple(pads),
-                       dilation=(1,) + dilation, bias=bias, relu=_relu_flag(activation), design=design,
-                       tile_pixels=tile_pixels)
-        return y[:, 0]
-    return _tc_conv2d(x, filt, plan, strides=strides, pads=tuple(pads), dilation=dilation, bias=bias,
-                      relu=_relu_flag(activation), design=design, tile_pixels=tile_pixels)
+    kernel_hw, strides, pads, dilation = geometry.as_2d(filt.kernel_size, strides, pads, dilation)
+    y = _tc_conv2d(x[:, None] if ndim == 1 else x, filt, plan, kernel_hw=kernel_hw, strides=strides, pads=pads,
+                   dilation=dilation, bias=bias, relu=_relu_flag(activation), design=design, tile_pixels=tile_pixels)
+    return y[:, 0] if ndim == 1 else y  # 1-D: images one pixel high

@@ -4,7 +4,8 @@ r"""Markdown summary of a GPU results folder: the numbers the README quotes, fro
         --network=experiments/results/h200/network.json \
         --whole_model='experiments/results/h200/whole_model/*.json' \
         --raw=experiments/results/h200/raw --out=experiments/results/h200 \
-        --tc=experiments/results/h200/tc_v4_direct_r50_vgg_2026-12-03.jsonl
+        --tc=experiments/results/h200/tc_v4_direct_r50_vgg_2026-12-03.jsonl \
+        --tc_sweep='experiments/results/h200/raw/tc_sweep_*.json'
 
 Every number is read from the result files (measured on the device by `sweep.py`,
 `network.py`, `whole_model_benchmark.py` and `tools/tc_bench.py`); nothing is typed in by hand. Speedup =
@@ -30,6 +31,8 @@ flags.DEFINE_string("network", None, "Merged network.json.")
 flags.DEFINE_list("whole_model", [], "whole_model_benchmark.py JSON files (globs allowed).")
 flags.DEFINE_string("raw", "", "Folder of the per-call JSON files (for the 'skipped' lists).")
 flags.DEFINE_list("tc", [], "tools/tc_bench.py JSON-lines files of the tensor-core family (globs allowed).")
+flags.DEFINE_list("tc_sweep", [], "sweep.py JSON files with the tensor-core family's rows (globs allowed): "
+                  "its chain-method speedups and break-even sparsities.")
 common.define_flags("out", helps={"out": "Folder of SUMMARY.md, or the Markdown file's path (default: stdout)."})
 FLAGS = flags.FLAGS
 
@@ -221,6 +224,26 @@ def tc_table(paths):
                   "dense / TC call (geomean, with packing)"], out)
 
 
+def tc_sweep_table(paths):
+    """The tensor-core family in `sweep.py` results: per layer, batch and mode (float32 = TF32
+    on both sides), dense / tensor-core at each sparsity on the sweep's basis (chain µs per op,
+    kernel time where a layer cannot chain), and its break-even sparsity (`break_even_tc`)."""
+    out = []
+    for path in paths:
+        result = common.read_result(path)
+        be = {(b["layer"], b["batch"], b["mode"]): b for b in result.get("break_even_tc", [])}
+        cells = {}
+        for r in result["rows"]:
+            if r.get("speedup_tc") is not None:
+                cells.setdefault((r["layer"], r["batch"], r["mode"]), {})[r["sparsity"]] = r["speedup_tc"]
+        for key, by_s in sorted(cells.items()):
+            b = be.get(key, {})
+            even = fmt(b.get("break_even")) if b.get("break_even") is not None else b.get("note", "-")
+            out.append([os.path.basename(path), key[0], key[1], "TF32" if key[2] == "float32" else key[2],
+                        ", ".join(f"{s:g}: {v:.2f}" for s, v in sorted(by_s.items())), even])
+    return table(["file", "layer", "N", "mode", "dense / TC by sparsity", "break-even"], out)
+
+
 def auto_cell(row) -> str:
     """``policy='auto'``'s model (``--auto``): ms per call, and how many of its convolutions went
     sparse and how many of those run the tensor-core kernel; '-' where it was not timed."""
@@ -248,8 +271,10 @@ def main(argv):
              "", "measured matmul peak (TFLOP/s): " +
              ", ".join(f"{L.MODE_LABELS.get(m, m)} {v:.1f}" for m, v in sweep["peaks_tflops"].items())]
     skipped = []
-    if FLAGS.raw:
-        for path in sorted(glob.glob(os.path.join(FLAGS.raw, "*.json"))):
+    tc_sweeps = sorted(p for pat in FLAGS.tc_sweep for p in glob.glob(pat))
+    if FLAGS.raw:  # the tensor-core sweeps list their own skips below
+        tc_real = {os.path.realpath(p) for p in tc_sweeps}
+        for path in sorted(p for p in glob.glob(os.path.join(FLAGS.raw, "*.json")) if os.path.realpath(p) not in tc_real):
             skipped += [f"{s} ({os.path.basename(path)})" for s in common.read_result(path)["skipped"]]
     if skipped:
         parts += ["", "Not measured (time budget of the device call): " + ", ".join(skipped) + "."]
@@ -289,6 +314,13 @@ def main(argv):
                   "GPU kernel time of one jitted call from a profiler trace, `tools/tc_bench.py`; "
                   "> 1 means the tensor-core kernel is faster. VGG-16 rows: the issue's target layers "
                   "(batch 32 without conv1_2), magnitude-pruned random weights.", "", tc_table(tc_paths)]
+    if tc_sweeps:
+        tc_skipped = [f"{s} ({os.path.basename(p)})" for p in tc_sweeps for s in common.read_result(p)["skipped"]]
+        parts += ["", "### The tensor-core family in the sweep: speedup and break-even", "",
+                  "`sweep.py`'s chain method, dense and tensor-core in the same run at the same dtype; "
+                  "break-even `>0.98`: slower at every tested sparsity.", "", tc_sweep_table(tc_sweeps)]
+        if tc_skipped:
+            parts += ["", "Not measured with the family (time budget): " + ", ".join(tc_skipped) + "."]
     text = "\n".join(parts) + "\n"
     if FLAGS.out:
         path = common.output_path(FLAGS.out, "SUMMARY.md")

@@ -19,21 +19,30 @@ pattern with `tensor_core_plan` and holds:
     (``channels.ravel()[:Cout]``) is the output-channel permutation.
 ``columns`` (K_total,) int32, ``col_offsets`` (G + 1,) int64
     Group ``g``'s columns are ``columns[col_offsets[g]:col_offsets[g + 1]]``:
-    its union columns (filter column indices ``c = (kh * KW + kw) * Cin + ci``)
-    in increasing order, ``union_sizes[g]`` of them, then padding up to
-    ``k_padded[g]``, the next multiple of ``k_multiple`` (the mma k: 16 for
-    bf16/f16, 8 for TF32). **Padding repeats the group's last union column**
-    with zero weights, so the kernel reads only valid input columns and needs no
-    branch or sentinel. A group whose rows are all empty has ``k_padded = 0``
-    (no columns, an empty tile: its outputs are the bias alone).
+    its union columns (filter column indices ``c = (kh * KW + kw) * Cin + ci``),
+    ``union_sizes[g]`` of them, then padding up to ``k_padded[g]``, the next
+    multiple of ``k_multiple`` (the mma k: 16 for bf16/f16, 8 for TF32).
+    **Padding repeats the group's last union column** with zero weights, so the
+    kernel reads only valid input columns and needs no branch or sentinel. A
+    group whose rows are all empty has ``k_padded = 0`` (no columns, an empty
+    tile: its outputs are the bias alone). The union columns are in *block
+    order*: blocks ``(tap, ci // BANK_BLOCK)`` ascending, so that a kernel
+    streaming the columns in chunks of whole blocks meets each chunk's columns
+    together; within a block they are ordered so that each run of ``k_multiple
+    / 2`` positions (one shared-memory phase of the mma's B operand) holds
+    distinct ``ci`` residues modulo ``k_multiple / 2`` where the block allows it
+    (`_spread_banks`): the chunked kernel keeps channel ``ci`` of a chunk in a
+    row whose bank quad follows ``ci`` modulo 8 (modulo 4 for TF32 words), so
+    gathered rows of distinct residues do not conflict.
 ``packed`` weights (``packed_size``,), built by `TensorCorePlan.pack`
-    Group ``g``'s tile is dense, row-major ``(R, k_padded[g])``, at
-    ``tile_offsets[g] = R * col_offsets[g]``: weight of tile row ``i`` for
-    column ``columns[col_offsets[g] + t]`` is
-    ``packed[tile_offsets[g] + i * k_padded[g] + t]``. One k-step ``s`` of the
-    mma reads, for every row ``i``, the ``k_multiple`` contiguous weights from
-    ``t = s * k_multiple`` and the input columns ``columns[col_offsets[g] + t
-    ...]``.
+    Group ``g``'s tile of ``R x k_padded[g]`` weights starts at
+    ``tile_offsets[g] = R * col_offsets[g]``; the weight of tile row ``i`` for
+    column ``columns[col_offsets[g] + t]`` is at ``tile_offsets[g] +
+    tile_offset(R, k_multiple, i, t, k_padded[g])``. With ``R = 16`` and
+    ``k_multiple`` 16 or 8 that is the mma's A-fragment order (`tile_offset`):
+    a k-step's 16 x k weights are 32 lanes x 4 registers, lane-major, so a
+    lane's A fragment is one 16-byte load and a warp's one 512-byte run;
+    other shapes are row-major.
 ``positions`` (nnz,) int32
     Where CSR nonzero ``j`` (``filter.data[j]``) lands in ``packed``; every
     other slot is a zero fill. Packing is the scatter
@@ -72,6 +81,74 @@ from jaxsparse.format import SparseFilter
 
 _INT32_MAX = np.iinfo(np.int32).max
 _INT64_MAX = np.iinfo(np.int64).max
+
+# The chunked kernel streams each tap's channels in chunks of 4096 / NP channels (NP = 64, 32
+# or 16 pixels: 64, 128 or 256 channels), all whole blocks of this size: a plan in block order
+# meets every chunk's columns together whatever NP the launcher picks.
+BANK_BLOCK = 64
+# Stored with saved plans; files without it hold row-major tiles (converted on load).
+TILE_LAYOUT = "mma-fragment"
+
+
+def tile_offset(rows: int, k_multiple: int, row, t, k_pad):
+    """Offset of tile row ``row``'s weight at column position ``t`` within a group's tile of
+    ``k_pad`` columns (ints or NumPy arrays). ``rows`` 16 with ``k_multiple`` 16 (bf16/f16
+    m16n8k16): k-step ``t // 16`` holds 256 weights as 32 lanes x 4 registers x 2 weights,
+    lane-major, with lane ``(row % 8) * 4 + (t % 8) // 2``, register ``row // 8 + 2 * (t % 16
+    // 8)`` and the lower k in the low half (the PTX A-fragment layout); ``k_multiple`` 8
+    (TF32 m16n8k8): 128 weights, lane ``(row % 8) * 4 + t % 4``, register ``row // 8 + 2 *
+    (t % 8 // 4)``. Any other shape: row-major ``row * k_pad + t``."""
+    row, t = np.asarray(row, np.int64), np.asarray(t, np.int64)
+    if rows == 16 and k_multiple in (8, 16):
+        kk = t % k_multiple
+        pair = 2 if k_multiple == 16 else 1  # weights per 32-bit register
+        lane = (row % 8) * 4 + (kk % (4 * pair)) // pair
+        reg = row // 8 + 2 * (kk // (4 * pair))
+        return (t // k_multiple) * (16 * k_multiple) + (lane * 4 + reg) * pair + kk % pair
+    return row * np.asarray(k_pad, np.int64) + t
+
+
+def column_blocks(columns, in_channels: int) -> np.ndarray:
+    """The block ``(tap, ci // BANK_BLOCK)`` of each column, as one ascending int."""
+    columns = np.asarray(columns, np.int64)
+    per_tap = -(-in_channels // BANK_BLOCK)
+    return columns // in_channels * per_tap + columns % in_channels // BANK_BLOCK
+
+
+def _spread_banks(columns: np.ndarray, starts: np.ndarray, in_channels: int, k_multiple: int) -> np.ndarray:
+    """The order of the union columns the plan stores: ``order`` such that
+    ``columns[order]`` keeps each group in block order (`column_blocks`) and, within a block,
+    greedily gives each run of ``m = k_multiple / 2`` positions (a shared-memory phase of
+    the kernel's B loads, aligned to the group's start) distinct residues ``ci % m``,
+    taking the residue with the most columns left (so that the last runs of the block keep
+    a choice). ``columns`` is sorted within each group ``[starts[g], starts[g + 1])``."""
+    n = columns.shape[0]
+    order = np.arange(n)
+    m = k_multiple // 2
+    if m not in (4, 8) or n == 0:
+        return order
+    group = np.repeat(np.arange(starts.shape[0] - 1), np.diff(starts))
+    blocks = column_blocks(columns, in_channels)
+    cuts = np.flatnonzero((np.diff(group) != 0) | (np.diff(blocks) != 0)) + 1
+    residue = (columns % in_channels % m).tolist()
+    for a, b in zip(np.r_[0, cuts].tolist(), np.r_[cuts, n].tolist()):
+        if b - a == 1:
+            continue
+        left = [[] for _ in range(m)]
+        for i in range(b - 1, a - 1, -1):
+            left[residue[i]].append(i)        # popped from the end: ascending within a residue
+        base = int(starts[group[a]])
+        used = 0
+        for p in range(base + (a - base) // m * m, a):  # residues already in this run
+            used |= 1 << residue[order[p]]
+        for p in range(a, b):
+            if (p - base) % m == 0:
+                used = 0
+            free = [r for r in range(m) if left[r] and not used >> r & 1]
+            r = max(free or [r for r in range(m) if left[r]], key=lambda r: len(left[r]))
+            order[p] = left[r].pop()
+            used |= 1 << r
+    return order
 
 
 class TensorCorePlanError(ValueError):
@@ -285,7 +362,7 @@ class TensorCorePlan:
 
     def unpack(self, packed) -> jax.Array:
         """The dense ``kernel_size + (Cin, Cout)`` kernel of packed tiles (traceable):
-        the inverse of `pack`, undoing the permutation; padding rows and columns
+        the inverse of `pack`, undoing the permutation and the tile layout; padding rows and columns
         are dropped. ``unpack(pack(f)[0])`` equals ``f.todense()`` exactly."""
         if tuple(packed.shape) != (self.packed_size,):
             raise TensorCorePlanError(f"packed has shape {packed.shape}, expected ({self.packed_size},)")
@@ -298,7 +375,8 @@ class TensorCorePlan:
         dump = self.taps * self.out_channels
         target = np.where((channel >= 0) & (t < self.union_sizes[group]),
                           column * self.out_channels + channel, dump)
-        dense = jnp.zeros(dump + 1, packed.dtype).at[target].add(packed)
+        source = self.tile_offsets[:-1][group] + tile_offset(self.rows, self.k_multiple, row, t, k_pad[group])
+        dense = jnp.zeros(dump + 1, packed.dtype).at[target].add(packed[source])
         return dense[:dump].reshape(self.kernel_size + (self.in_channels, self.out_channels))
 
 
@@ -343,6 +421,9 @@ def tensor_core_plan(f: SparseFilter, rows: int = 16, k_multiple: int = 16, wind
     union_sizes = np.bincount(union_keys // taps, minlength=groups).astype(np.int64) if taps else \
         np.zeros(groups, np.int64)
     union_start = np.concatenate([[0], np.cumsum(union_sizes)])
+    order = _spread_banks(union_keys % taps if taps else union_keys, union_start, f.in_channels, k_multiple)
+    union_keys, new_index = union_keys[order], np.empty_like(order)
+    new_index[order] = np.arange(order.shape[0])
     k_pad = -(-union_sizes // k_multiple) * k_multiple
     col_offsets = np.concatenate([[0], np.cumsum(k_pad)]).astype(np.int64)
     if rows * col_offsets[-1] > _INT32_MAX:
@@ -356,8 +437,9 @@ def tensor_core_plan(f: SparseFilter, rows: int = 16, k_multiple: int = 16, wind
 
     # flat position of every nonzero: tile start + tile row * k_padded + rank in the union
     g = group_of[nz_row]
-    rank = (np.cumsum(in_union) - 1)[key] - union_start[g]
-    positions = (rows * col_offsets[g] + slot_of[nz_row] * k_pad[g] + rank).astype(np.int32)
+    rank = new_index[(np.cumsum(in_union) - 1)[key]] - union_start[g]
+    positions = (rows * col_offsets[g] + tile_offset(rows, k_multiple, slot_of[nz_row], rank, k_pad[g])
+                 ).astype(np.int32)
     return TensorCorePlan(rows=rows, k_multiple=k_multiple, kernel_size=f.kernel_size,
                           in_channels=f.in_channels, out_channels=cout, channels=channels,
                           columns=columns, col_offsets=col_offsets, union_sizes=union_sizes,
@@ -392,7 +474,7 @@ def plan_arrays(plan: TensorCorePlan, *, pattern: bool = True) -> tuple[dict, di
     arrays = {name: np.ascontiguousarray(getattr(plan, name)) for name in names}
     meta = dict(rows=plan.rows, k_multiple=plan.k_multiple, kernel_size=list(plan.kernel_size),
                 in_channels=plan.in_channels, out_channels=plan.out_channels, fingerprint=plan.fingerprint,
-                window=plan.window)
+                window=plan.window, tile_layout=TILE_LAYOUT)
     return arrays, meta
 
 
@@ -409,11 +491,26 @@ def plan_from_arrays(arrays: dict, meta: dict, where) -> TensorCorePlan:
     if found != meta["fingerprint"]:
         raise TensorCorePlanError(f"{where}: the stored pattern does not match the plan's fingerprint "
                                   "(a damaged or edited file)")
+    layout = meta.get("tile_layout")
+    if layout not in (None, TILE_LAYOUT):
+        raise TensorCorePlanError(f"{where}: unknown tile layout {layout!r} (a damaged or edited file)")
     plan = TensorCorePlan(rows=int(meta["rows"]), k_multiple=int(meta["k_multiple"]), kernel_size=kernel_size,
                           in_channels=int(meta["in_channels"]), out_channels=int(meta["out_channels"]),
                           fingerprint=meta["fingerprint"], window=_meta_window(meta, where), **arrays)
     _check_layout(plan, where)
+    if layout is None:  # saved before fragment-ordered tiles: the same (row, column) slots, row-major
+        plan = dataclasses.replace(plan, positions=_row_major_to_tiles(plan))
     return plan
+
+
+def _row_major_to_tiles(plan: TensorCorePlan) -> np.ndarray:
+    """``positions`` of a plan whose tiles were stored row-major, in today's `tile_offset`."""
+    pos = plan.positions.astype(np.int64)
+    group = np.searchsorted(plan.tile_offsets, pos, side="right") - 1
+    k_pad = np.maximum(plan.k_padded[group], 1)
+    local = pos - plan.tile_offsets[group]
+    return (plan.tile_offsets[group] + tile_offset(plan.rows, plan.k_multiple, local // k_pad, local % k_pad,
+                                                   k_pad)).astype(np.int32)
 
 
 def _meta_window(meta: dict, where) -> int:
@@ -474,8 +571,8 @@ def _check_layout(plan: TensorCorePlan, path) -> None:
         bad("a column outside the filter's taps")
     starts = np.zeros(plan.columns.size, bool)
     starts[offsets[:-1][k_pad > 0]] = True
-    if np.any((np.diff(plan.columns.astype(np.int64), prepend=0) < 0) & ~starts):
-        bad("a group's columns are not in increasing order")  # the chunked kernel walks them in order
+    if np.any((np.diff(column_blocks(plan.columns, plan.in_channels), prepend=0) < 0) & ~starts):
+        bad("a group's columns are not in block order")  # the chunked kernel walks the blocks in order
     pos = plan.positions
     if pos.shape != plan.indices.shape or (pos.size and (pos.min() < 0 or pos.max() >= plan.packed_size)) \
             or np.unique(pos).size != pos.size:

@@ -29,7 +29,7 @@ OWN_FLAGS = {
     "train_kim": "datasets sparsity batch repeats seed out progress embed_dim feature_maps epochs "
                  "prune_epochs finetune_epochs",
     "plots": "results out",
-    "summarize": "sweep network whole_model raw tc out",
+    "summarize": "sweep network whole_model raw tc tc_sweep out",
 }
 
 

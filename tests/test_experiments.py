@@ -278,11 +278,16 @@ def test_budget_checkpoint_and_summary(tmp_path):
                for name, kern in [("vgg.conv2_2", 20.0), ("vgg.conv3_2", 5.0), ("vgg.conv1_2", 1.0)]]
     (tmp_path / "tc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tc_rows))
     done = run("summarize", f"--sweep={tmp_path / 's' / 'sweep.json'}", f"--tc={tmp_path / 'tc.jsonl'}",
-               f"--out={tmp_path}", cwd=tmp_path)
+               f"--tc_sweep={tmp_path / 's' / 'sweep.json'}", f"--out={tmp_path}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     text = (tmp_path / "SUMMARY.md").read_text()
     assert "## Targets of the CUDA-kernel issue" in text and "## Break-even sparsity, batch 1" in text
     assert "| tc.jsonl | chunked:128:auto | VGG-16 3x3 | bfloat16 | 32 | 0.95 | 2 | 1.00 | 0.50-2.00 | 0.50 |" in text
+    # The sweep's tensor-core rows (TF32 at the float32 mode): one line per layer with each sparsity.
+    tc = [r for r in result["rows"] if r.get("speedup_tc") is not None and r["layer"] == "vgg.conv5_1"]
+    assert tc, "the sweep times the tensor-core family at float32 (TF32)"
+    cells = ", ".join(f"{r['sparsity']:g}: {r['speedup_tc']:.2f}" for r in sorted(tc, key=lambda r: r["sparsity"]))
+    assert f"| sweep.json | vgg.conv5_1 | 1 | TF32 | {cells} |" in text
     # The geomean row comes from the JSON. On a busy CPU a tiny layer's chain slope can be lost
     # in noise (speedup None); the geomean skips it and the count still names both layers.
     speedups = [r["speedup"] for r in T.measured(result["rows"])

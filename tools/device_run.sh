@@ -16,6 +16,7 @@
 #   NCU_SOURCE (a family: its per-instruction SASS counts; summarise with tools/ncu_hot_loops.py)
 #   NCU_TC, NCU_TC_LAYERS, NCU_TC_ONLY (tensor-core designs, e.g. tc-slab,tc-chunked, on DLMC layers, batch 32, 0.95)
 #   WM_MODELS, WM_MODES, WM_SPARSITY, WM_AUTO (whole_model_b*: models, modes, sparsities; WM_AUTO=1 adds policy='auto')
+#   VGG_B1, B1_BUDGET, B1_TIMEOUT (sweep_vgg_b1: its layers, time budget and timeout; with the tensor-core family a layer takes ~110 s)
 #   TC_VARIANTS, TC_VGG (tools/tc_bench.py --variants, --vgg), TC_SANITIZE_CASES (tools/sanitize_layers.py TC_CASES of the TensorCore sanitizer pass)
 #   PYTEST_ARGS   extra pytest arguments for the GPU tests (e.g. "-k vgg")
 #   BENCH_ARGS    arguments for experiments/layer_benchmark.py
@@ -135,7 +136,7 @@ run_step() {  # name timeout command...: run from the repo root, log to $OUT/<na
   note "$name rc=$? ($(( $(date +%s) - start )) s): $(grep -E 'skipped|wall time|wrote' "$OUT/$name.log" | tail -2 | tr '\n' ' ' | cut -c1-300)"
 }
 ALL4=float32_highest,float32,bfloat16,float16
-VGG_B1=vgg.conv3_2,vgg.conv4_2,vgg.conv5_1,vgg.conv2_2,vgg.conv1_2,vgg.conv3_1,vgg.conv4_1,vgg.conv2_1,vgg.conv1_1
+VGG_B1=${VGG_B1:-vgg.conv3_2,vgg.conv4_2,vgg.conv5_1,vgg.conv2_2,vgg.conv1_2,vgg.conv3_1,vgg.conv4_1,vgg.conv2_1,vgg.conv1_1}
 VGG_B32=vgg.conv3_2,vgg.conv4_2,vgg.conv5_1,vgg.conv2_2,vgg.conv4_1,vgg.conv3_1,vgg.conv2_1,vgg.conv1_2,vgg.conv1_1
 R50_KIM=kim.w3,kim.w4,kim.w5,r50.g1.reduce,r50.g2.reduce,r50.g3.reduce,r50.g4.reduce,r50.g2.shortcut,r50.g3.shortcut,r50.g4.shortcut,r50.g1.shortcut
 if has ncu; then
@@ -163,8 +164,8 @@ if has ncu; then
     --families=$B32_FAMS --batch=32 --layer=${NCU_LAYER:-conv3_2} --dtype=${NCU_DTYPE:-float32}
   unset XLA_PYTHON_CLIENT_PREALLOCATE
 fi
-has sweep_vgg_b1 && run_step sweep_vgg_b1 270 python3 experiments/sweep.py --model=vgg16 --layers=$VGG_B1 --batch=1 \
-  --sparsity=0.5,0.7,0.8,0.9,0.95,0.98 --modes=$ALL4 --repeats=10 --budget_s=190 --noprogress --out=$OUT/vgg_b1
+has sweep_vgg_b1 && run_step sweep_vgg_b1 ${B1_TIMEOUT:-270} python3 experiments/sweep.py --model=vgg16 --layers=$VGG_B1 --batch=1 \
+  --sparsity=0.5,0.7,0.8,0.9,0.95,0.98 --modes=$ALL4 --repeats=10 --budget_s=${B1_BUDGET:-190} --noprogress --out=$OUT/vgg_b1
 has sweep_vgg_b32 && run_step sweep_vgg_b32 250 python3 experiments/sweep.py --model=vgg16 --layers=$VGG_B32 --batch=32 \
   --sparsity=0.7,0.8,0.9,0.95,0.98 --modes=$ALL4 --repeats=7 --k_small=2 --k_large=8 --kernel_time=unchainable \
   --budget_s=150 --noprogress --out=$OUT/vgg_b32

@@ -110,12 +110,8 @@ TensorCoreSpmmKernel(Args a, const typename Config::Element* __restrict__ x,
 
     for (int k0 = 0; k0 < kp; k0 += Config::kK) {
       uint32_t af[4];
+      LoadAFragment(tile, k0 / Config::kK, lane, af);
       if constexpr (Config::kTf32) {
-        const float* tf = reinterpret_cast<const float*>(tile);
-        af[0] = ToTf32(__ldg(tf + r0 * kp + k0 + q));
-        af[1] = ToTf32(__ldg(tf + (r0 + 8) * kp + k0 + q));
-        af[2] = ToTf32(__ldg(tf + r0 * kp + k0 + q + 4));
-        af[3] = ToTf32(__ldg(tf + (r0 + 8) * kp + k0 + q + 4));
         // B: rows k = q and q + 4 of the union, pixel r0 of each n-tile.
         const int c0 = min(max(__ldg(columns + kb + k0 + q), 0), a.in_c - 1);
         const int c1 = min(max(__ldg(columns + kb + k0 + q + 4), 0), a.in_c - 1);
@@ -124,12 +120,6 @@ TensorCoreSpmmKernel(Args a, const typename Config::Element* __restrict__ x,
 #pragma unroll
         for (int t = 0; t < NT; ++t) Mma1688Tf32(acc[t], af, ToTf32(s0[8 * t]), ToTf32(s1[8 * t]));
       } else {
-        const uint32_t* t0 = reinterpret_cast<const uint32_t*>(tile + r0 * kp + k0 + 2 * q);
-        const uint32_t* t1 = reinterpret_cast<const uint32_t*>(tile + (r0 + 8) * kp + k0 + 2 * q);
-        af[0] = __ldg(t0);
-        af[1] = __ldg(t1);
-        af[2] = __ldg(t0 + 4);
-        af[3] = __ldg(t1 + 4);
         // ldmatrix.x4.trans: lanes 0-7 / 8-15 give the rows (union channels) k0..k0+7 /
         // k0+8..k0+15 of pixels 0-7 of an n-pair, lanes 16-31 the same for pixels 8-15.
         const int kl = (lane & 7) + ((lane >> 3) & 1) * 8;
@@ -263,6 +253,7 @@ bool SlabTensorCoreFits(const TensorCoreShape& s, ElementType type) {
 cudaError_t LaunchSlabTensorCore(cudaStream_t stream, const TensorCoreShape& s, ElementType type,
                                  const TensorCoreOperands& op) {
   if (!SlabTensorCoreFits(s, type)) return cudaErrorInvalidValue;
+  if (reinterpret_cast<uintptr_t>(op.packed) % 16 != 0) return cudaErrorMisalignedAddress;  // LoadAFragment
   switch (type) {
     case ElementType::kF32: return tensorcore::LaunchTyped<float>(stream, s, type, op);
     case ElementType::kBF16: return tensorcore::LaunchTyped<__nv_bfloat16>(stream, s, type, op);

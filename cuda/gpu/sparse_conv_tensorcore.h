@@ -6,7 +6,8 @@
 // across the chunks, a 128-channel output tile). The plan is jaxsparse/tc_plan.py's
 // TensorCorePlan: output channels in groups of 16 (`channels`, -1 for missing rows), each
 // group's union columns padded to the mma k (`columns`, `col_offsets`), and the packed
-// dense tiles (`packed`, row-major 16 x k_padded per group at 16 * col_offsets[g]).
+// dense tiles (`packed`, 16 x k_padded per group at 16 * col_offsets[g], in the mma's
+// A-fragment order).
 #pragma once
 
 #include <cstdint>
@@ -55,8 +56,9 @@ inline bool TensorCoreFits(const TensorCoreShape& s, ElementType type, TensorCor
 // Accumulation in float32, bias and ReLU fused. The launchers trust the plan (the Python
 // side checks it against the filter's fingerprint); memory stays in bounds for any column
 // values: kSlab clamps them to [0, Cin), kChunked reads a zero row for a column outside the
-// current chunk. kChunked also needs each group's columns in increasing order (as plans
-// build them, and as loading a plan checks), else it skips columns.
+// current chunk. kChunked also needs each group's columns in block order (tc_plan.py's
+// `column_blocks`, as plans build them and loading a plan checks), else it skips columns.
+// Both read the packed tiles in the mma's fragment order (`tile_offset`), 16-byte aligned.
 cudaError_t LaunchSlabTensorCore(cudaStream_t stream, const TensorCoreShape& s, ElementType type,
                                  const TensorCoreOperands& op);
 cudaError_t LaunchChunkedTensorCore(cudaStream_t stream, const TensorCoreShape& s, ElementType type,

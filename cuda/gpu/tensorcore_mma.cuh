@@ -50,6 +50,27 @@ __device__ __forceinline__ void Mma1688Tf32(float (&c)[4], const uint32_t (&a)[4
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// The calling lane's A fragment of k-step `step` of a group's packed tile (tc_plan.py's
+// `tile_offset`: a k-step's 16 x k weights are stored in fragment order, 32 lanes x 4
+// registers): one 16-byte load, a warp's loads one contiguous 512-byte run. TF32 rounds
+// the float32 weights here. `tile` must be 16-byte aligned (a tile starts at 16 * k_padded
+// elements of a 16-byte aligned buffer).
+template <typename T>
+__device__ __forceinline__ void LoadAFragment(const T* __restrict__ tile, int step, int lane, uint32_t (&a)[4]) {
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(tile) + step * 32 + lane);
+  if constexpr (sizeof(T) == 4) {
+    a[0] = ToTf32(__uint_as_float(v.x));
+    a[1] = ToTf32(__uint_as_float(v.y));
+    a[2] = ToTf32(__uint_as_float(v.z));
+    a[3] = ToTf32(__uint_as_float(v.w));
+  } else {
+    a[0] = v.x;
+    a[1] = v.y;
+    a[2] = v.z;
+    a[3] = v.w;
+  }
+}
+
 // ldmatrix.x4.trans: four 8x8 16-bit matrices, lane i giving the shared address of row i.
 __device__ __forceinline__ void LdMatrixX4Trans(uint32_t addr, uint32_t& b0, uint32_t& b1, uint32_t& b2,
                                                 uint32_t& b3) {
